@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing or older
+# than pyproject.toml / constraints.txt, then install the pinned versions.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo-output
+PYTEST_ARGS ?=
+
+.PHONY: test demo install constraints clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/rolo-batch synth $(DEMO_OUT)/data --videos 4 --frames 60 --seed 0
+	$(BIN)/rolo-batch inspect $(DEMO_OUT)/data
+
+# Re-pin every dependency from the current environment (after changing pyproject.toml on purpose).
+constraints: $(STAMP)
+	@{ echo "# Exact versions for every install (make, CI, cluster images). Regenerate with: make constraints"; \
+	   echo "# torch resolves to the CPU wheel where one is on disk (2.13.0+cpu here) and to PyPI's build elsewhere."; \
+	   $(BIN)/pip freeze --all --exclude-editable | grep -v -e '^rolo-batch' -e '^pip==' | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/'; \
+	 } > constraints.txt
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

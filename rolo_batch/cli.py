@@ -1,0 +1,212 @@
+"""The ``rolo-batch`` command: one subcommand per stage, each a thin layer over one library call.
+
+Every input and output is a URI (local path, file:// or s3://). Stages that use Ray connect to the cluster
+named by ``RAY_ADDRESS``, or start a local Ray when there is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Callable, Sequence
+
+from rolo_batch import __version__
+from rolo_batch.console import format_table
+from rolo_batch.errors import ConfigError, InputError, RoloBatchError, StorageError
+
+Handler = Callable[[argparse.Namespace], int]
+
+_DESCRIPTION = """\
+ROLO (Recurrent YOLO) tracking as a distributed batch processor on Ray.
+
+Pipeline:  videos --extract--> features --train--> model --track--> tracks --score--> scores + report
+Every DATA/OUT argument is a URI: a local path, file:///path or s3://bucket/prefix
+(S3 takes the standard AWS variables, AWS_ENDPOINT_URL included)."""
+
+_EPILOG = """\
+examples:
+  rolo-batch synth data/ --videos 8 --frames 120 --seed 0
+  rolo-batch inspect data/
+  rolo-batch schema features
+
+Run 'rolo-batch <command> --help' for the options of each command."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# --- synth -----------------------------------------------------------------------------------------------
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth", help="generate synthetic tracking videos (OTB layout or mp4)",
+        description="Generate deterministic synthetic tracking videos with exact ground truth: a textured "
+                    "target with smooth and fast motion, scale change, look-alike distractors, occluders, "
+                    "motion blur and illumination change. Same options and seed, same bytes.",
+        epilog="example: rolo-batch synth s3://my-bucket/synth --videos 16 --frames 300 --seed 7")
+    p.add_argument("out", metavar="OUT_URI", help="where to write the videos (a collection root)")
+    p.add_argument("--videos", type=_positive_int, default=4, help="number of videos (default: 4)")
+    p.add_argument("--frames", type=_positive_int, default=60, help="frames per video (default: 60)")
+    p.add_argument("--width", type=_positive_int, default=320, help="frame width in pixels (default: 320)")
+    p.add_argument("--height", type=_positive_int, default=240, help="frame height in pixels (default: 240)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--distractors", type=_non_negative_int, default=2,
+                   help="look-alike distractors per video (default: 2)")
+    p.add_argument("--occluders", type=_non_negative_int, default=1, help="occluders per video (default: 1)")
+    p.add_argument("--format", choices=["otb", "mp4"], default="otb",
+                   help="otb: <name>/img/0001.jpg + groundtruth_rect.txt; mp4: <name>.mp4 + "
+                        "<name>.groundtruth.txt (default: otb)")
+    p.add_argument("--prefix", default="synth", help="video name prefix (default: synth)")
+    p.set_defaults(handler=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+
+    config = SynthConfig(videos=args.videos, frames=args.frames, width=args.width, height=args.height,
+                         seed=args.seed, distractors=args.distractors, occluders=args.occluders,
+                         video_files=args.format == "mp4", prefix=args.prefix)
+
+    def report(name: str, done: int, total: int) -> None:
+        print(f"synth: {done}/{total} videos ({name})", file=sys.stderr, flush=True)
+
+    names = synthesize(args.out, config, on_video=report)
+    print(f"wrote {len(names)} videos of {config.frames} frames to {args.out}")
+    return 0
+
+
+# --- inspect ---------------------------------------------------------------------------------------------
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="list the videos of a collection with frames, sizes and ground truth",
+        description="List the videos found under DATA_URI (OTB folders and video files, local or S3): "
+                    "frames, frame size, boxes with valid ground truth, and any problem found. Exits 1 if "
+                    "any video is unusable.")
+    p.add_argument("data", metavar="DATA_URI", help="collection root, one OTB folder, or one video file")
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    p.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from rolo_batch import datasets
+
+    found = datasets.discover(args.data, names=args.videos)
+    rows, problems = [], [str(e) for e in found.rejected]
+    for ref in found.videos:
+        row = {"video": ref.name, "kind": ref.kind}
+        try:
+            video = datasets.open_video(ref)
+            width, height = video.image_size
+            gt = video.groundtruth
+            numbers = video.frame_numbers
+            row.update(frames=len(video), first=int(numbers[0]), size=f"{width}x{height}",
+                       valid_boxes=int(gt.valid.sum()), notes="; ".join(gt.notes))
+        except RoloBatchError as exc:
+            row.update(notes="ERROR")
+            problems.append(str(exc))
+        rows.append(row)
+    if rows:
+        print(format_table(rows, ["video", "kind", "frames", "first", "size", "valid_boxes", "notes"]))
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if not rows:
+        found.require_videos()
+    return 1 if problems else 0
+
+
+# --- schema / validate -----------------------------------------------------------------------------------
+
+def _add_schema(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch import contracts
+
+    p = sub.add_parser("schema", help="show a table contract (columns, types, descriptions)",
+                       description="Show the contract of a table as shipped in schemas/.")
+    p.add_argument("table", choices=contracts.available(), help="which table")
+    p.set_defaults(handler=_run_schema)
+
+
+def _run_schema(args: argparse.Namespace) -> int:
+    from rolo_batch import contracts
+
+    contract = contracts.load(args.table)
+    print(f"{contract.tag}\n{textwrap.fill(contract.description, 100)}\n")
+    for column in contract.columns:
+        print(f"{column.name}  {column.type_text}{'' if column.nullable else ', not null'}")
+        print(textwrap.fill(column.description, 100, initial_indent="    ", subsequent_indent="    "))
+    for name, text in contract.parameters.items():
+        print(f"\nparameter {name}: {text}")
+    return 0
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch import contracts
+
+    p = sub.add_parser("validate", help="check a Parquet table against its contract",
+                       description="Check every Parquet file of a table (one file, or a per-video table root "
+                                   "with video=<name>/ units) against its contract; exits 1 on the first "
+                                   "mismatch, naming the file and the column.")
+    p.add_argument("uri", metavar="TABLE_URI", help="a Parquet file or a per-video table root")
+    p.add_argument("--table", choices=contracts.available(), required=True, help="the contract to check")
+    p.set_defaults(handler=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from rolo_batch import contracts, tables
+
+    contract = contracts.load(args.table)
+    files = tables.table_files(args.uri)
+    rows = 0
+    for uri in files:
+        rows += tables.read_parquet(uri, contract).num_rows
+    print(f"ok: {len(files)} file(s), {rows} rows follow {contract.tag}")
+    return 0
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rolo-batch", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
+    for add in (_add_synth, _add_inspect, _add_schema, _add_validate):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rolo-batch`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"rolo-batch: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"rolo-batch: bad input: {exc}", file=sys.stderr)
+        return 1
+    except StorageError as exc:
+        print(f"rolo-batch: storage error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rolo-batch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
