@@ -17,7 +17,8 @@ import pytest
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OTB_SAMPLES = REPO_ROOT.parent / "shared" / "data" / "otb-samples"
+# The real OTB sequences live beside the checkout (CI has them there too); ROLO_OTB_SAMPLES overrides.
+OTB_SAMPLES = Path(os.environ.get("ROLO_OTB_SAMPLES", REPO_ROOT.parent / "shared" / "data" / "otb-samples"))
 
 
 def free_port() -> int:
