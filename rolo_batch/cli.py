@@ -127,6 +127,64 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+# --- extract ---------------------------------------------------------------------------------------------
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch.detector import PRESETS
+
+    p = sub.add_parser(
+        "extract", help="run the YOLO detector over videos into the features table (Ray actors on GPUs)",
+        description="Shard the videos under DATA_URI across Ray actors (one detector replica per GPU, or CPU "
+                    "actors on a cluster without GPUs) and write one atomic unit per video to "
+                    "OUT_URI/features/<detector-id>/video=<name>/. Videos already done are skipped; a failed "
+                    "video is reported by name and the others still complete (exit code 1 if any failed).",
+        epilog="examples:\n"
+               "  rolo-batch extract s3://archive/otb s3://work/run1 --weights s3://models/detector.pt\n"
+               "  rolo-batch extract data/ out/ --detector yolo-v1-small --weights yolo-small.weights\n"
+               "  rolo-batch extract data/ out/ --random-init   # smoke test: features mean nothing",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA_URI", help="video collection (OTB folders or video files)")
+    p.add_argument("out", metavar="OUT_URI", help="output root (features go under OUT_URI/features/)")
+    p.add_argument("--detector", choices=sorted(PRESETS),
+                   help="detector network (default: the checkpoint's own; yolo-tiny with --random-init)")
+    p.add_argument("--weights", metavar="URI",
+                   help="detector weights: a rolo-batch checkpoint or a Darknet .weights file")
+    p.add_argument("--random-init", action="store_true", help="use random weights (smoke tests only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="frames per detector call (default: 16)")
+    p.add_argument("--prefetch", type=_positive_int, default=2,
+                   help="decoded batches waiting ahead of the detector (default: 2)")
+    p.add_argument("--actors", type=_positive_int, help="detector replicas (default: one per GPU, or per "
+                                                        "--cpus-per-actor CPUs)")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0,
+                   help="GPU share per replica, e.g. 0.5 for two per GPU (default: 1)")
+    p.add_argument("--cpus-per-actor", type=float, default=2.0, help="CPUs per CPU-only replica (default: 2)")
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    p.add_argument("--overwrite", action="store_true", help="redo videos that are already done")
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from rolo_batch.extract import DetectorSpec, ExtractOptions, run_extraction
+    from rolo_batch.runtime import ensure_ray
+
+    spec = DetectorSpec(name=args.detector, weights=args.weights, random_init=args.random_init, seed=args.seed)
+    options = ExtractOptions(batch_size=args.batch_size, prefetch_batches=args.prefetch, overwrite=args.overwrite)
+    ensure_ray(args.address)
+    summary = run_extraction(args.data, args.out, spec, options, videos=args.videos, actors=args.actors,
+                             gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
+    print(summary.table())
+    print(f"features written to {summary.table_root}")
+    for result in summary.failed:
+        print(f"failed: {result.video}: {result.error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 # --- schema / validate -----------------------------------------------------------------------------------
 
 def _add_schema(sub: argparse._SubParsersAction) -> None:
@@ -182,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
-    for add in (_add_synth, _add_inspect, _add_schema, _add_validate):
+    for add in (_add_synth, _add_inspect, _add_extract, _add_schema, _add_validate):
         add(sub)
     return parser
 

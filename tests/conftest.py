@@ -102,3 +102,18 @@ def otb_samples() -> Path:
     if not OTB_SAMPLES.is_dir():
         pytest.skip(f"real OTB samples not found at {OTB_SAMPLES}")
     return OTB_SAMPLES
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_env):
+    """One local Ray for the whole session, bound to 127.0.0.1, with 2 logical GPUs (for pinning tests on
+    a machine without any). Started after the S3 variables are set, so its workers inherit them."""
+    import ray
+
+    from rolo_batch.runtime import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(address="local", num_cpus=4, num_gpus=2)
+    yield ray
+    ray.shutdown()
