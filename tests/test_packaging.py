@@ -50,6 +50,7 @@ def test_wheel_ships_the_contracts_and_data_files(tmp_path):
     for table in ("features", "tracks", "scores"):
         assert f"rolo_batch/schemas/{table}.json" in names
     assert "rolo_batch/datasets/otb_ranges.csv" in names
+    assert "rolo_batch/data/otb30.csv" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "rolo-batch = rolo_batch.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

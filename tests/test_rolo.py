@@ -1,0 +1,386 @@
+"""ROLO models, the objective, heatmaps and the exported-model file."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rolo_batch import rolo
+from rolo_batch.errors import ConfigError, InputError
+
+D, STEPS = 16, 3
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and two threads per process thrash on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(form: str = "compact", **options) -> rolo.RoloConfig:
+    return rolo.RoloConfig(form=form, feature_dim=D, steps=STEPS, hidden_size=64, projection_size=16,
+                           heatmap_size=16, detector_id="tiny-abc", **options)
+
+
+def toy_windows(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Windows whose target is the last step's detection box: random features, a box moving at constant speed."""
+    g = torch.Generator().manual_seed(seed)
+    centre = 0.25 + 0.5 * torch.rand(n, 1, 2, generator=g)
+    velocity = 0.03 * torch.randn(n, 1, 2, generator=g)
+    centres = centre + velocity * torch.arange(STEPS).reshape(1, STEPS, 1)
+    size = (0.1 + 0.3 * torch.rand(n, 1, 2, generator=g)).expand(n, STEPS, 2)
+    detection = torch.cat([torch.zeros(n, STEPS, 1), centres, size, torch.ones(n, STEPS, 1)], dim=-1)
+    inputs = torch.cat([torch.randn(n, STEPS, D, generator=g), detection], dim=-1)
+    return {"inputs": inputs, "targets": detection[:, -1, 1:5].clone()}
+
+
+# --- config and shapes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    ({"form": "transformer"}, "form"), ({"feature_dim": 0}, "feature_dim"), ({"steps": -1}, "steps"),
+    ({"loss": "l1"}, "loss"), ({"loss_scale": 0}, "loss_scale"), ({"heatmap_size": 1}, "heatmap_size"),
+    ({"dropout": 1.0}, "dropout"), ({"hidden_size": 2.5}, "hidden_size"),
+])
+def test_config_is_validated(options, message):
+    with pytest.raises(ConfigError, match=message):
+        rolo.RoloConfig(**options)
+
+
+@pytest.mark.parametrize("form", ["faithful", "compact", "heatmap"])
+def test_every_form_maps_windows_to_boxes_in_the_unit_square(form):
+    model = rolo.build_model(tiny(form))
+    x = toy_windows(5, 0)["inputs"] * 3
+    out = model(x)
+    assert out.shape == (5, 4) and (out >= 0).all() and (out <= 1).all()
+    assert model(x[:, :1]).shape == (5, 4)  # fewer steps (start of a video) work too
+    with pytest.raises(InputError, match=f"\\(N, steps, {D + 6}\\)"):
+        model(torch.zeros(5, STEPS, D + 5))
+
+
+def test_heatmap_model_exposes_its_maps():
+    model = rolo.build_model(tiny("heatmap"))
+    maps = model.heatmaps(toy_windows(4, 0)["inputs"])
+    assert maps.shape == (4, 16, 16) and (maps >= 0).all() and (maps <= 1).all()
+
+
+# --- the faithful network --------------------------------------------------------------------------------
+
+def faithful_lstm_parameters(input_size: int) -> int:
+    """A one-layer LSTM with hidden size = input size H: four gates, each with an (H x H) input matrix, an
+    (H x H) recurrent matrix and two bias vectors (torch keeps b_ih and b_hh)."""
+    h = input_size
+    return 4 * (2 * h * h + 2 * h)
+
+
+def test_faithful_parameter_count_follows_the_lstm_formula():
+    assert rolo.count_parameters(rolo.build_model(tiny("faithful"))) == faithful_lstm_parameters(D + 6)
+    with torch.device("meta"):  # the paper's size without allocating it
+        paper = rolo.build_model(rolo.RoloConfig(form="faithful", feature_dim=4096))
+    assert rolo.count_parameters(paper) == faithful_lstm_parameters(4102) == 134_644_048
+
+
+def test_faithful_box_comes_from_hidden_units_d1_to_d4():
+    torch.manual_seed(0)
+    model = rolo.build_model(tiny("faithful"))
+    x = toy_windows(3, 1)["inputs"][:, :1]  # one step from a zero state: unit j depends on gate rows of j only
+    before = model.sequence_outputs(x).detach()
+    hidden = D + 6
+
+    def nudge(unit: int) -> torch.Tensor:
+        with torch.no_grad():
+            for gate in range(4):
+                model.lstm.bias_ih_l0[gate * hidden + unit] += 0.7
+        return model.sequence_outputs(x).detach()
+
+    for unit in [0, D - 1, D, D + 5]:  # feature units, the class unit and the confidence unit
+        torch.testing.assert_close(nudge(unit), before)
+    after = nudge(D + 2)  # the unit aligned with the detection's cy
+    changed = (after - before).abs().amax(dim=(0, 1)) > 1e-4
+    assert changed.tolist() == [False, True, False, False]
+
+
+def test_faithful_matches_an_independent_lstm_computation():
+    torch.manual_seed(1)
+    model = rolo.build_model(tiny("faithful"))
+    x = toy_windows(2, 2)["inputs"].double().numpy()
+    w_ih, w_hh = (getattr(model.lstm, n).detach().double().numpy() for n in ("weight_ih_l0", "weight_hh_l0"))
+    bias = (model.lstm.bias_ih_l0 + model.lstm.bias_hh_l0).detach().double().numpy()
+    h = c = np.zeros((2, D + 6))
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    for t in range(STEPS):
+        i, f, g, o = np.split(x[:, t] @ w_ih.T + h @ w_hh.T + bias, 4, axis=1)
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+    expected = h[:, D + 1:D + 5]
+    np.testing.assert_allclose(model.sequence_outputs(torch.as_tensor(x).float())[:, -1].detach().numpy(),
+                               expected, atol=1e-5)
+    np.testing.assert_allclose(model(torch.as_tensor(x).float()).detach().numpy(), np.clip(expected, 0, 1),
+                               atol=1e-5)
+
+
+# --- learning --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["faithful", "compact", "heatmap"])
+def test_each_form_learns_a_toy_problem_well_below_the_mean_box_baseline(form):
+    torch.manual_seed(0)
+    config = tiny(form)
+    model = rolo.build_model(config)
+    train, held_out = toy_windows(512, 1), toy_windows(256, 2)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        index = torch.randint(0, 512, (64,))
+        loss, _ = rolo.objective(model, {k: v[index] for k, v in train.items()})
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        _, metrics = rolo.objective(model.eval(), held_out)
+    baseline = rolo.mean_prediction_loss(config, held_out)
+    assert metrics["loss"] < 0.35 * baseline, (metrics, baseline)
+    assert metrics["mean_iou"] > 0.4
+
+
+# --- objective -------------------------------------------------------------------------------------------
+
+def constant_box_model(box: list[float]) -> rolo.RoloModel:
+    """A compact model that outputs ``box`` whatever the input (zero head weights, bias = logit(box))."""
+    model = rolo.build_model(tiny("compact"))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.logit(torch.tensor(box)))
+    return model
+
+
+def test_objective_of_a_perfect_prediction_is_zero_loss_and_iou_one():
+    box = [0.5, 0.4, 0.2, 0.3]
+    batch = {"inputs": toy_windows(6, 0)["inputs"], "targets": torch.tensor([box] * 6)}
+    loss, metrics = rolo.objective(constant_box_model(box), batch)
+    assert float(loss.detach()) == pytest.approx(0, abs=1e-8)
+    assert metrics["mean_iou"] == pytest.approx(1.0, abs=1e-5) and metrics["num_targets"] == 6
+
+
+def test_objective_is_the_scaled_mse_on_the_box_and_iou_in_a_unit_frame():
+    model = constant_box_model([0.5, 0.5, 0.2, 0.2])
+    batch = {"inputs": toy_windows(2, 0)["inputs"],
+             "targets": torch.tensor([[0.6, 0.5, 0.2, 0.2], [0.5, 0.5, 0.4, 0.2]])}
+    loss, metrics = rolo.objective(model, batch)
+    expected_mse = ((0.1 ** 2) / 4 + (0.2 ** 2) / 4) / 2
+    assert float(loss.detach()) == pytest.approx(100 * expected_mse, rel=1e-4)
+    # IoU: shifted by half its width -> 1/3; same centre, half the width of the target -> 1/2
+    assert metrics["mean_iou"] == pytest.approx((1 / 3 + 1 / 2) / 2, rel=1e-4)
+    model.config = replace(model.config, loss_scale=7.0)
+    assert rolo.objective(model, batch)[1]["loss"] == pytest.approx(7 * expected_mse, rel=1e-4)
+
+
+def test_step_mask_on_the_last_step_equals_weighted_last_step_loss():
+    model = rolo.build_model(tiny("compact"))
+    data = toy_windows(8, 3)
+    weights = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.float32)
+    mask = torch.zeros(8, STEPS, dtype=torch.bool)
+    mask[:, -1] = weights > 0
+    step_targets = torch.full((8, STEPS, 4), float("nan"))  # unsupervised steps may hold anything
+    step_targets[:, -1] = data["targets"]
+    by_weight, m1 = rolo.objective(model, {**data, "weights": weights})
+    by_mask, m2 = rolo.objective(model, {"inputs": data["inputs"], "step_targets": step_targets, "step_mask": mask})
+    torch.testing.assert_close(by_weight, by_mask)
+    assert m1["num_targets"] == m2["num_targets"] == 6
+    by_mask.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_objective_calls_a_data_parallel_wrapper_so_that_its_hooks_run():
+    class Wrapper(nn.Module):  # how DistributedDataParallel looks from outside: forward delegates, .module
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    model = rolo.build_model(tiny("heatmap"))
+    wrapped = Wrapper(model)
+    batch = toy_windows(4, 0)
+    loss, metrics = rolo.objective(wrapped, batch)
+    assert wrapped.calls == 1
+    torch.testing.assert_close(loss, rolo.objective(model, batch)[0])
+
+
+def test_batch_without_targets_gives_zero_loss_and_finite_gradients():
+    model = rolo.build_model(tiny("heatmap"))
+    data = toy_windows(4, 0)
+    loss, metrics = rolo.objective(model, {**data, "weights": torch.zeros(4)})
+    loss.backward()
+    assert metrics["loss"] == 0 and metrics["num_targets"] == 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_smooth_l1_is_gentler_than_mse_on_large_errors():
+    batch = {"inputs": toy_windows(1, 0)["inputs"], "targets": torch.tensor([[0.9, 0.9, 0.5, 0.5]])}
+    model = constant_box_model([0.1, 0.1, 0.5, 0.5])
+    mse = rolo.objective(model, batch)[1]["loss"]
+    model.config = replace(model.config, loss="smooth_l1")
+    smooth = rolo.objective(model, batch)[1]["loss"]
+    # |error| = 0.8 on two of four coordinates: mse 0.64, smooth L1 (beta 0.05) 0.8 - 0.025 = 0.775
+    assert mse == pytest.approx(100 * 0.64 / 2, rel=1e-4) and smooth == pytest.approx(100 * 0.775 / 2, rel=1e-4)
+
+
+# --- heatmaps --------------------------------------------------------------------------------------------
+
+def test_box_to_heatmap_marks_the_cells_whose_centres_lie_in_the_box():
+    grid = rolo.box_to_heatmap(np.array([[0.5, 0.25, 0.5, 0.25]]), 8)[0]
+    expected = np.zeros((8, 8))
+    expected[1:3, 2:6] = 1  # rows (y) 0.125-0.375, columns (x) 0.25-0.75
+    np.testing.assert_array_equal(grid, expected)
+    tiny_box = rolo.box_to_heatmap(np.array([0.9, 0.1, 0.001, 0.001]), 8)
+    assert tiny_box.sum() == 1 and tiny_box[0, 7] == 1
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_heatmap_box_round_trip_within_a_cell(size):
+    rng = np.random.default_rng(0)
+    centre, extent = rng.uniform(0.3, 0.7, (200, 2)), rng.uniform(0.05, 0.5, (200, 2))
+    original = np.concatenate([centre, extent], axis=1).astype(np.float32)
+    maps = rolo.box_to_heatmap(original, size)
+    back = rolo.heatmap_to_box(maps)
+    assert isinstance(back, np.ndarray) and back.shape == (200, 4)
+    assert np.abs(back - original).max() <= 1 / size + 1e-6
+    np.testing.assert_allclose(rolo.box_to_heatmap(back, size), maps)  # and the map survives exactly
+
+
+def test_heatmap_to_box_keeps_the_largest_region_and_falls_back_to_moments():
+    maps = np.zeros((3, 16, 16), np.float32)
+    maps[0, 2:4, 2:4] = 0.9  # small blob
+    maps[0, 8:14, 6:12] = 0.8  # larger blob wins
+    maps[1, 4:12, 2:6] = 0.3  # nothing passes 0.5: the weighted moments of a uniform box give the box
+    got = rolo.heatmap_to_box(maps)
+    np.testing.assert_allclose(got[0], [9 / 16, 11 / 16, 6 / 16, 6 / 16], atol=1e-6)
+    np.testing.assert_allclose(got[1], [4 / 16, 8 / 16, 4 / 16, 8 / 16], atol=1e-5)
+    np.testing.assert_allclose(got[2], [0.5, 0.5, 1.0, 1.0], atol=1e-2)  # an empty map: no idea, whole frame
+    torch.testing.assert_close(rolo.heatmap_to_box(torch.as_tensor(maps)), torch.as_tensor(got))
+
+
+def test_largest_region_agrees_with_opencv_connected_components():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(3)
+    maps = (rng.random((100, 16, 16)) < 0.45).astype(np.float32)
+    ours = rolo.heatmap_to_box(maps)
+    compared = 0
+    for i in range(len(maps)):
+        _, _, stats, _ = cv2.connectedComponentsWithStats(maps[i].astype(np.uint8), connectivity=8)
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        if len(areas) == 0 or (areas == areas.max()).sum() > 1:
+            continue  # ties: either region is right
+        x, y, w, h = stats[1 + areas.argmax(), :4]
+        np.testing.assert_allclose(ours[i], np.array([x + w / 2, y + h / 2, w, h]) / 16, atol=1e-6)
+        compared += 1
+    assert compared > 50
+
+
+# --- export / load ---------------------------------------------------------------------------------------
+
+def trained_looking(form: str = "compact") -> rolo.RoloModel:
+    torch.manual_seed(7)
+    return rolo.build_model(tiny(form))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_export_load_round_trip(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('bucket')}/runs"
+    uri = f"{root}/run-1/model.pt"
+    model = trained_looking("heatmap")
+    rolo.export_model(model, uri, split="exp2", metadata={"run": "run-1", "epochs": 3})
+    loaded, info = rolo.load_model(uri, form="heatmap", feature_dim=D, detector_id="tiny-abc", steps=STEPS)
+    assert isinstance(loaded, rolo.HeatmapRolo) and not loaded.training
+    assert info.config == model.config and info.split == "exp2" and info.metadata == {"run": "run-1", "epochs": 3}
+    assert (info.detector_id, info.feature_dim, info.steps) == ("tiny-abc", D, STEPS)
+    x = toy_windows(4, 0)["inputs"]
+    torch.testing.assert_close(loaded.heatmaps(x), model.heatmaps(x))
+
+
+def test_export_unwraps_a_data_parallel_wrapper():
+    class Wrapper(nn.Module):  # what DistributedDataParallel looks like from outside: the model in .module
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    model = trained_looking()
+    loaded, _ = rolo.model_from_bytes(rolo.model_to_bytes(Wrapper(model), split="exp1"))
+    x = toy_windows(2, 0)["inputs"]
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+class _RunsCode:
+    """Unpickling this object would create a directory: the loader must refuse before that happens."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_file_with_pickled_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "was-run"
+    payload = {"format": rolo.MODEL_FORMAT, "version": 1, "config": asdict(tiny()), "hook": _RunsCode(str(marker))}
+    path = tmp_path / "evil.pt"
+    torch.save(payload, str(path))
+    with pytest.raises(InputError, match=r"evil\.pt.*refused.*pickled"):
+        rolo.load_model(str(path))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_for_another_architecture_is_an_input_error_naming_file_and_mismatch(tmp_path):
+    path = tmp_path / "model.pt"
+    rolo.export_model(trained_looking("compact"), str(path), split="exp2")
+    with pytest.raises(InputError, match=r"model\.pt.*form='compact', expected form='faithful'"):
+        rolo.load_model(str(path), form="faithful")
+    with pytest.raises(InputError, match=r"model\.pt.*detector_id='tiny-abc', expected detector_id='yolo-small'"):
+        rolo.load_model(str(path), detector_id="yolo-small")
+    # weights of a compact model under a config that claims a bigger LSTM
+    payload = torch.load(str(path), weights_only=True)
+    payload["config"]["hidden_size"] = 128
+    torch.save(payload, str(path))
+    with pytest.raises(InputError, match=r"model\.pt.*do not fit a compact ROLO.*shape mismatch.*lstm"):
+        rolo.load_model(str(path))
+    # a faithful model's weights under a compact config: different tensors altogether
+    payload["config"]["hidden_size"] = 64
+    payload["state_dict"] = rolo.build_model(tiny("faithful")).state_dict()
+    torch.save(payload, str(path))
+    with pytest.raises(InputError, match=r"model\.pt.*missing.*unexpected"):
+        rolo.load_model(str(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a checkpoint at all", "not a torch model file"),
+    ("plain-weights", "not a rolo-batch model"),
+    ("future-version", "version 2 is not supported"),
+])
+def test_other_files_are_input_errors(content, message, tmp_path):
+    path = tmp_path / "x.pt"
+    if content == "plain-weights":
+        torch.save({"weight": torch.zeros(2)}, str(path))
+    elif content == "future-version":
+        data = io.BytesIO(rolo.model_to_bytes(trained_looking(), split="exp1"))
+        payload = torch.load(data, weights_only=True)
+        payload["version"] = 2
+        torch.save(payload, str(path))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        rolo.load_model(str(path))
+
+
+def test_metadata_must_be_plain_values():
+    with pytest.raises(ConfigError, match="metadata"):
+        rolo.model_to_bytes(trained_looking(), split="exp1", metadata={"when": object()})
