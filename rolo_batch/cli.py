@@ -185,6 +185,87 @@ def _run_extract(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+# --- train -----------------------------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train ROLO data-parallel on Ray Train from the features table",
+        description="Train the ROLO LSTM on windows of STEPS consecutive frames (feature ++ detection per "
+                    "frame; target: the last frame's box) with Ray Train (DDP over --workers, GPU when the "
+                    "cluster has them). Reads FEATURES_URI through Ray Data; writes OUT_URI/models/<run>/: "
+                    "model.pt (what 'rolo-batch track' loads), split.json (the frames that train and test), "
+                    "checkpoints, metrics.json/csv and loss.png. Re-running the same --run resumes from its "
+                    "last checkpoint.",
+        epilog="examples:\n"
+               "  rolo-batch train out/ out/ --split exp2 --steps 6 --workers 2\n"
+               "  rolo-batch train s3://work/run1 s3://work/run1 --split exp1 --model faithful --epochs 50\n"
+               "  rolo-batch train out/ out/ --split exp1 --train-list train.txt --test-list test.txt\n\n"
+               "splits: exp1 trains on some videos and tests on others (OTB30's 22/8, or your lists); exp2 "
+               "trains on the\nfirst third of every video and tests on the rest; exp3 reads every frame "
+               "but takes the loss only on the\nfirst third's ground truth.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("features", metavar="FEATURES_URI",
+                   help="features table (features/<detector-id>), or an output root holding exactly one")
+    p.add_argument("out", metavar="OUT_URI", help="output root (the model goes under OUT_URI/models/<run>/)")
+    p.add_argument("--run", default="rolo", help="run name; re-using one resumes it (default: rolo)")
+    p.add_argument("--split", choices=["exp1", "exp2", "exp3"], default="exp2", help="experiment (default: exp2)")
+    p.add_argument("--train-list", metavar="URI", help="exp1: file of training video names, one per line")
+    p.add_argument("--test-list", metavar="URI", help="exp1: file of test video names, one per line")
+    p.add_argument("--steps", type=_positive_int, default=6, help="frames per window (default: 6)")
+    p.add_argument("--stride", type=_positive_int, default=1, help="frames between training windows (default: 1)")
+    p.add_argument("--model", choices=["compact", "faithful", "heatmap"], default="compact",
+                   help="compact: projection + small LSTM (default); faithful: the paper's LSTM with hidden "
+                        "size = input size; heatmap: a 32x32 location map")
+    p.add_argument("--hidden", type=_positive_int, default=256, help="compact/heatmap LSTM size (default: 256)")
+    p.add_argument("--layers", type=_positive_int, default=1, help="compact/heatmap LSTM layers (default: 1)")
+    p.add_argument("--projection", type=_positive_int, default=256,
+                   help="compact/heatmap feature projection size (default: 256)")
+    p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="box loss (default: mse, as the paper)")
+    p.add_argument("--detection", choices=["table", "best_iou_to_ground_truth"], default="table",
+                   help="the detection fed to the LSTM in training: the features table's (default; what "
+                        "tracking sees), or the one that best overlaps the ground truth (the paper's code; uses "
+                        "ground truth)")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default: 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="windows per worker per step (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="data-parallel workers (default: 1)")
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto",
+                   help="train on GPUs: auto = when the cluster has one per worker (default: auto)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs between checkpoints (default: 1)")
+    p.add_argument("--max-failures", type=_non_negative_int, default=2,
+                   help="restarts from the last checkpoint after a worker fails (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from rolo_batch.console import format_table
+    from rolo_batch.rolo import RoloConfig
+    from rolo_batch.runtime import ensure_ray
+    from rolo_batch.train import TrainConfig, run_training
+    from rolo_batch.windows import WindowConfig
+
+    model = RoloConfig(form=args.model, feature_dim=1, steps=args.steps, hidden_size=args.hidden,
+                       num_layers=args.layers, projection_size=args.projection, loss=args.loss)
+    config = TrainConfig(features_uri=args.features, out_uri=args.out, run=args.run, split=args.split,
+                         train_list=args.train_list, test_list=args.test_list, model=model,
+                         window=WindowConfig(steps=args.steps, stride=args.stride, detection=args.detection),
+                         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                         workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
+                         max_failures=args.max_failures, seed=args.seed,
+                         videos=tuple(args.videos) if args.videos else None)
+    ensure_ray(args.address)
+    result = run_training(config)
+    columns = ["epoch", "loss", "val_loss", "val_baseline_loss", "train_iou", "val_iou", "samples_per_s_per_worker"]
+    print(format_table([{c: h[c] for c in columns} for h in result.history], columns))
+    if result.resumed_from_epoch:
+        print(f"resumed after epoch {result.resumed_from_epoch}")
+    print(f"model written to {result.model_uri}")
+    return 0
+
+
 # --- schema / validate -----------------------------------------------------------------------------------
 
 def _add_schema(sub: argparse._SubParsersAction) -> None:
@@ -240,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
-    for add in (_add_synth, _add_inspect, _add_extract, _add_schema, _add_validate):
+    for add in (_add_synth, _add_inspect, _add_extract, _add_train, _add_schema, _add_validate):
         add(sub)
+    from rolo_batch.submit import add_job_commands
+
+    add_job_commands(sub)
     return parser
 
 

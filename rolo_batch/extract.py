@@ -27,8 +27,6 @@ from rolo_batch.console import Progress, format_table
 from rolo_batch.datasets import Frame, VideoRef
 from rolo_batch.errors import ConfigError, InputError, RoloBatchError
 
-FEATURES_DIR = "features"
-DETECTOR_MANIFEST = "_detector.json"
 
 
 @dataclass(frozen=True)
@@ -82,11 +80,6 @@ class VideoResult:
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
-
-
-def features_root(out_uri: str, detector_id: str) -> str:
-    """``<out>/features/<detector-id>``: features from different weights never mix."""
-    return storage.join(out_uri, FEATURES_DIR, detector_id)
 
 
 # --- one video, no Ray -----------------------------------------------------------------------------------
@@ -176,13 +169,9 @@ def extract_video(detector, ref: VideoRef, table_root: str, options: ExtractOpti
     if writer.rows != len(video):
         raise InputError(f"wrote {writer.rows} rows for {len(video)} frames", video=ref.name)
     seconds = time.perf_counter() - started
-    storage.mark_done(unit, {
-        "video": ref.name, "rows": writer.rows, "first_frame": int(video.frame_numbers[0]),
-        "last_frame": int(video.frame_numbers[-1]), "detector_id": detector.detector_id,
-        "feature_dim": detector.config.feature_dim, "source": dataclasses.asdict(ref),
-        "image_width": width, "image_height": height, "seconds": round(seconds, 3),
-        "groundtruth_notes": alignment.notes,
-    })
+    storage.mark_done(unit, tables.features_marker(
+        ref.name, video.frame_numbers, detector.detector_id, detector.config.feature_dim, (width, height),
+        source=dataclasses.asdict(ref), seconds=round(seconds, 3), groundtruth_notes=alignment.notes))
     return VideoResult(ref.name, "done", writer.rows, seconds)
 
 
@@ -204,7 +193,7 @@ class ExtractWorker:
         name = spec.name or (None if spec.weights else "yolo-tiny")
         self.detector = build_detector(name, spec.weights, random_init=spec.random_init, seed=spec.seed,
                                        device=self.device)
-        self.table_root = features_root(out_uri, self.detector.detector_id)
+        self.table_root = tables.features_root(out_uri, self.detector.detector_id)
         self.options = options
         self.progress = progress
         self.frames_processed = 0
@@ -333,7 +322,7 @@ def run_extraction(data_uri: str, out_uri: str, spec: DetectorSpec, options: Ext
     pool = [spawn() for _ in range(plan.actors)]
     infos = ray.get([a.info.remote() for a in pool])
     detector_id, table_root = infos[0]["detector_id"], infos[0]["table_root"]
-    storage.write_text(storage.join(table_root, DETECTOR_MANIFEST),
+    storage.write_text(storage.join(table_root, tables.DETECTOR_MANIFEST),
                        _json({"detector_id": detector_id, "config": infos[0]["detector_config"],
                               "spec": dataclasses.asdict(spec)}))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,8 @@ from rolo_batch import contracts, storage
 from rolo_batch.errors import InputError, StorageError
 
 PART_FILE = "part-0.parquet"
+FEATURES_DIR = "features"
+DETECTOR_MANIFEST = "_detector.json"
 DETECTION_FIELDS = ("class_id", "cx", "cy", "w", "h", "confidence")
 
 
@@ -114,6 +116,77 @@ def table_files(uri: str) -> list[str]:
     if not units:
         raise StorageError(uri, "no finished per-video units (video=<name>/ with a _done.json) here")
     return [units[name] for name in sorted(units)]
+
+
+def features_root(out_uri: str, detector_id: str) -> str:
+    """``<out>/features/<detector-id>``: features from different weights never mix."""
+    return storage.join(out_uri, FEATURES_DIR, detector_id)
+
+
+def features_marker(video: str, frame_numbers: np.ndarray, detector_id: str, feature_dim: int,
+                    image_wh: tuple[int, int], **extra: Any) -> dict:
+    """The done marker of one video's features unit: what readers learn without opening the Parquet file."""
+    return {"video": video, "rows": int(len(frame_numbers)), "first_frame": int(frame_numbers[0]),
+            "last_frame": int(frame_numbers[-1]), "detector_id": detector_id, "feature_dim": int(feature_dim),
+            "image_width": int(image_wh[0]), "image_height": int(image_wh[1]), **extra}
+
+
+@dataclass(frozen=True)
+class FeaturesUnit:
+    """One finished video of the features table: its Parquet file and its done marker's content
+    (rows, first/last frame, image size, the source video, the detector id)."""
+
+    video: str
+    part_uri: str
+    info: dict
+
+    @property
+    def frame_numbers(self) -> np.ndarray:
+        return np.arange(int(self.info["first_frame"]), int(self.info["last_frame"]) + 1, dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class FeaturesTable:
+    """A features table on storage: ``features/<detector-id>/video=<name>/`` units that are done."""
+
+    root: str
+    detector_id: str
+    feature_dim: int
+    units: dict[str, FeaturesUnit]
+
+    @classmethod
+    def open(cls, uri: str, videos: list[str] | None = None) -> "FeaturesTable":
+        """Open the table at ``uri``: a table root, or an output root holding exactly one ``features/<id>``.
+
+        ``videos`` keeps only those (an unknown or unfinished one is an error naming it).
+        """
+        root = _table_root(uri)
+        done = done_units(root)
+        if not done:
+            raise StorageError(root, "no finished videos in this features table (run rolo-batch extract first)")
+        names = sorted(done) if videos is None else videos
+        missing = [v for v in names if v not in done]
+        if missing:
+            raise InputError(f"video(s) {', '.join(missing)} have no finished features here "
+                             f"(finished: {', '.join(sorted(done))})", path=root)
+        units = {}
+        for name in names:
+            info = storage.read_done(unit_uri(root, name)) or {}
+            units[name] = FeaturesUnit(name, done[name], info)
+        first = units[names[0]].info
+        return cls(root, str(first.get("detector_id", storage.basename(root))), int(first["feature_dim"]), units)
+
+
+def _table_root(uri: str) -> str:
+    if any(e.is_dir and e.name.startswith("video=") for e in storage.list_dir(uri, missing_ok=True)):
+        return uri
+    candidates = [e.uri for e in storage.list_dir(storage.join(uri, FEATURES_DIR), missing_ok=True) if e.is_dir]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise StorageError(uri, "not a features table (no video=<name>/ units, no features/<detector-id>/)")
+    raise InputError(f"several features tables here ({', '.join(storage.basename(c) for c in candidates)}); "
+                     f"pass one of them", path=uri)
 
 
 # --- hub types -------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ import pytest
 from rolo_batch import cli, contracts, datasets, storage, tables
 from rolo_batch.datasets.synthetic import SynthConfig, synthesize
 from rolo_batch.detector import build_detector, save_detector
-from rolo_batch.extract import (DetectorSpec, ExtractOptions, extract_video, features_root, plan_actors,
-                                run_extraction)
+from rolo_batch.extract import DetectorSpec, ExtractOptions, extract_video, plan_actors, run_extraction
 from rolo_batch.runtime import ClusterResources
 
 SMALL = dict(width=96, height=72)
@@ -117,7 +116,7 @@ def test_actors_are_pinned_to_distinct_gpus_and_every_video_is_done_once(ray_loc
     for video in ("synth-000", "synth-001", "synth-002", "synth-003"):
         frames = read_unit(summary.table_root, video).column("frame").to_pylist()
         assert sorted(frames) == list(range(1, 13))
-    assert summary.table_root == features_root(str(tmp_path), summary.detector_id)
+    assert summary.table_root == tables.features_root(str(tmp_path), summary.detector_id)
     assert "TOTAL" in summary.table() and "4 done" in summary.table()
 
 

@@ -1,0 +1,186 @@
+"""ROLO training on Ray Train: real data parallelism, learning, checkpoints and resume, S3, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rolo_batch import cli, storage
+from rolo_batch.rolo import RoloConfig, build_model, load_model
+from rolo_batch.train import TrainConfig, run_training, train_step
+from rolo_batch.windows import WindowConfig
+from tests.helpers import write_synthetic_features
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("features") / "features" / "synthetic-0000")
+    write_synthetic_features(root, videos=6, frames=90, dim=16)
+    return root
+
+
+def config(features: str, out: str, **overrides) -> TrainConfig:
+    steps = overrides.pop("steps", 3)
+    form = overrides.pop("form", "compact")
+    model = RoloConfig(form=form, feature_dim=16, steps=steps, hidden_size=32, projection_size=32)
+    defaults = dict(features_uri=features, out_uri=out, split="exp2", model=model, window=WindowConfig(steps=steps),
+                    epochs=12, batch_size=8, learning_rate=1e-2, gpu="off")
+    return TrainConfig(**{**defaults, **overrides})
+
+
+# --- data parallelism is real ----------------------------------------------------------------------------
+
+def _fixed_batch(seed: int, n: int = 8) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"inputs": torch.tensor(rng.normal(size=(n, 3, 22)), dtype=torch.float32),
+            "targets": torch.tensor(rng.uniform(0.2, 0.8, (n, 4)), dtype=torch.float32),
+            "weights": torch.ones(n)}
+
+
+def _ddp_one_step(loop: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(0)
+    model = ray.train.torch.prepare_model(build_model(RoloConfig(**loop["model"])), move_to_device=torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    rank = ray.train.get_context().get_world_rank()
+    train_step(model, optimizer, _fixed_batch(100 + rank))
+    inner = getattr(model, "module", model)
+    flat = torch.cat([p.detach().flatten() for p in inner.parameters()])
+    torch.save(flat, f"{loop['out']}/params-{rank}.pt")  # same machine: a file is the simplest channel
+
+
+def test_one_step_on_two_workers_equals_one_step_on_the_union(ray_local, tmp_path):
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
+
+    model_config = RoloConfig(form="compact", feature_dim=16, steps=3, hidden_size=8, projection_size=8)
+    trainer = TorchTrainer(
+        _ddp_one_step, train_loop_config={"model": model_config.__dict__, "out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path)))
+    assert trainer.fit().error is None
+    distributed = torch.load(tmp_path / "params-0.pt")
+    assert torch.equal(distributed, torch.load(tmp_path / "params-1.pt")), "the replicas diverged"
+
+    torch.manual_seed(0)
+    model = build_model(model_config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    a, b = _fixed_batch(100), _fixed_batch(101)
+    train_step(model, optimizer, {k: torch.cat([a[k], b[k]]) for k in a})
+    union = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.manual_seed(0)
+    single = build_model(model_config)
+    optimizer = torch.optim.SGD(single.parameters(), lr=0.5)
+    train_step(single, optimizer, a)
+    one_half = torch.cat([p.detach().flatten() for p in single.parameters()])
+
+    assert torch.allclose(distributed, union, atol=1e-5)
+    assert not torch.allclose(distributed, one_half, atol=1e-4), "the workers did not exchange gradients"
+
+
+# --- learning, per model form ----------------------------------------------------------------------------
+
+def assert_learned(result) -> None:
+    final = result.final
+    assert final["val_windows"] > 0 and final["train_windows"] > 0
+    assert final["val_loss"] < 0.5 * final["val_baseline_loss"], final
+    assert result.history[0]["val_loss"] > final["val_loss"]
+
+
+def test_cli_train_learns_and_writes_the_run(ray_local, tmp_path, features, capsys):
+    code = cli.main(["train", features, str(tmp_path), "--split", "exp2", "--steps", "3", "--epochs", "12",
+                     "--batch-size", "8", "--lr", "0.01", "--hidden", "32", "--projection", "32", "--gpu", "off",
+                     "--run", "cli-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "model written to" in out and "cli-run/model.pt" in out and "val_loss" in out
+    run = storage.join(str(tmp_path), "models", "cli-run")
+    for name in ("model.pt", "metrics.json", "metrics.csv", "loss.png", "split.json", "config.json"):
+        assert storage.is_file(storage.join(run, name)), name
+    history = json.loads(storage.read_text(storage.join(run, "metrics.json")))["epochs"]
+    assert len(history) == 12 and history[-1]["val_loss"] < 0.5 * history[-1]["val_baseline_loss"], history[-1]
+    model, info = load_model(storage.join(run, "model.pt"))
+    assert info.config.form == "compact" and info.detector_id == "synthetic-0000" and info.feature_dim == 16
+    assert info.steps == 3 and info.split == "exp2"
+
+
+@pytest.mark.parametrize("form, epochs", [("faithful", 15), ("heatmap", 20)])
+def test_other_model_forms_learn_too(ray_local, tmp_path, features, form, epochs):
+    result = run_training(config(features, str(tmp_path), form=form, epochs=epochs, checkpoint_every=100))
+    assert_learned(result)
+    model, info = load_model(result.model_uri)
+    assert info.config.form == form
+
+
+def test_two_workers_on_s3(ray_local, bucket):
+    root = f"s3://{bucket}/work/features/synthetic-0000"
+    write_synthetic_features(root, videos=6, frames=90, dim=16)
+    result = run_training(config(f"s3://{bucket}/work", f"s3://{bucket}/work", workers=2, epochs=12))
+    assert result.final["workers"] == 2 and result.final["samples_per_s_per_worker"] > 0
+    assert_learned(result)
+    assert result.model_uri == f"s3://{bucket}/work/models/rolo/model.pt" and storage.is_file(result.model_uri)
+    assert any(e.name.startswith("checkpoint_") for e in storage.list_dir(f"s3://{bucket}/work/models/rolo/ray"))
+
+
+# --- checkpoints and resume ------------------------------------------------------------------------------
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker processes on this machine (Ray titles them ``ray::RayTrainWorker``)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if handle.read().startswith(b"ray::RayTrainWorker"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(ray_local, tmp_path, features):
+    out = str(tmp_path)
+    cfg = config(features, out, epochs=12)
+    checkpoints = tmp_path / "models" / "rolo" / "ray"
+    failure = {}
+
+    def train() -> None:
+        try:
+            run_training(cfg)
+        except Exception as exc:  # noqa: BLE001 - the interruption we cause
+            failure["error"] = exc
+
+    runner = threading.Thread(target=train)
+    runner.start()
+    deadline = time.monotonic() + 240
+    snapshot = checkpoints / "checkpoint_manager_snapshot.json"  # written once a checkpoint is registered
+    while not snapshot.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert snapshot.exists(), "no checkpoint was registered"
+    workers = train_worker_pids()
+    assert workers, "no training worker found"
+    for pid in workers:  # a crash, as when a node dies
+        os.kill(pid, signal.SIGKILL)
+    runner.join(timeout=240)
+    assert "error" in failure, "the run was not interrupted"
+
+    resumed = run_training(config(features, out, epochs=12))
+    assert resumed.resumed_from_epoch >= 1, "training restarted at epoch 0"
+    epochs = [h["epoch"] for h in resumed.history]
+    assert epochs == list(range(1, 13)), "epochs lost or repeated across the interruption"
+
+
