@@ -266,6 +266,140 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- track / score / render ------------------------------------------------------------------------------
+
+def _add_track(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch.track import METHODS
+
+    p = sub.add_parser(
+        "track", help="track every video with ROLO and the baselines (Ray Data, batched across videos)",
+        description="One-pass tracking of every video of FEATURES_URI with the model MODEL_URI (from 'rolo-batch "
+                    "train') and, for comparison, YOLO only, YOLO + Kalman and OpenCV's CSRT, KCF and MIL. Each "
+                    "tracker gets only the first frame's box. Writes OUT_URI/tracks/<run>/video=<name>/ "
+                    "atomically per video; finished videos are skipped on a re-run.",
+        epilog="examples:\n"
+               "  rolo-batch track out/ out/models/rolo/model.pt out/\n"
+               "  rolo-batch track s3://work/run1 s3://work/run1/models/rolo/model.pt s3://work/run1 "
+               "--methods rolo yolo\n"
+               "  rolo-batch track out/ out/models/rolo/model.pt out/ --detection oracle --run oracle",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("features", metavar="FEATURES_URI", help="features table, or an output root holding one")
+    p.add_argument("model", metavar="MODEL_URI", help="the model.pt written by 'rolo-batch train'")
+    p.add_argument("out", metavar="OUT_URI", help="output root (tracks go under OUT_URI/tracks/<run>/)")
+    p.add_argument("--run", default="rolo", help="name of this tracking run (default: rolo)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS) + ["identity"], default=list(METHODS),
+                   help="methods to run (default: all)")
+    p.add_argument("--detection", choices=["ope", "oracle"], default="ope",
+                   help="ope: each frame's detection is the one that continues the previous estimate (default); "
+                        "oracle: the one that best overlaps the ground truth, as the paper's code did (leaks "
+                        "the answer; for comparison only)")
+    p.add_argument("--data", metavar="DATA_URI",
+                   help="where the frames are (default: where they were when the features were extracted)")
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    p.add_argument("--videos-per-batch", type=_positive_int, default=8,
+                   help="videos tracked in lockstep per model call (default: 8)")
+    p.add_argument("--actors", type=_positive_int, help="tracking actors (default: one per GPU, or per CPU)")
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="run the model on GPUs (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="redo videos that are already done")
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_track)
+
+
+def _run_track(args: argparse.Namespace) -> int:
+    from rolo_batch.runtime import ensure_ray
+    from rolo_batch.track import TrackConfig, run_tracking
+
+    config = TrackConfig(features_uri=args.features, model_uri=args.model, out_uri=args.out, run=args.run,
+                         methods=tuple(args.methods), detection=args.detection, data_uri=args.data,
+                         videos=tuple(args.videos) if args.videos else None,
+                         videos_per_batch=args.videos_per_batch, actors=args.actors, gpu=args.gpu,
+                         overwrite=args.overwrite)
+    ensure_ray(args.address)
+    summary = run_tracking(config)
+    print(summary.table())
+    print(f"tracks written to {summary.run_uri}")
+    for row in summary.failed:
+        print(f"failed: {row['video']}: {row['error']}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="OTB success / precision of a tracking run, with report and plots",
+        description="Score every method of the tracking run TRACKS_URI against the ground truth under DATA_URI "
+                    "(one-pass evaluation): success plot and AUC, precision at 20 px, normalised precision, per "
+                    "video and averaged over videos. Frames used for training are excluded. Writes "
+                    "OUT_URI/scores/<run>/: scores.parquet, report.md, success.png, precision.png.",
+        epilog="protocols:\n"
+               "  otb   got10k/pysot conventions: IoU thresholds 0..1 step 0.05, success = IoU > t; centre = "
+               "x + w/2;\n        the first frame counts; per-video curves averaged over videos (default)\n"
+               "  rolo  the ROLO paper's: 20 thresholds 0..0.95, success = IoU >= t, first `steps` frames not "
+               "scored\n\n"
+               "example:\n  rolo-batch score out/tracks/rolo data/ out/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tracks", metavar="TRACKS_URI", help="a tracking run (OUT_URI/tracks/<run>)")
+    p.add_argument("data", metavar="DATA_URI", help="the video collection with the ground truth")
+    p.add_argument("out", metavar="OUT_URI", help="output root (scores go under OUT_URI/scores/<run>/)")
+    p.add_argument("--run", help="name of the scores run (default: the tracks run's name)")
+    p.add_argument("--protocol", choices=["otb", "rolo"], default="otb", help="scoring protocol (default: otb)")
+    p.add_argument("--steps", type=_positive_int, help="rolo protocol: frames not scored (default: the model's steps)")
+    p.add_argument("--split-manifest", metavar="URI", help="which frames are test frames (default: the model's)")
+    p.add_argument("--include-training-frames", action="store_true", help="score every frame")
+    p.add_argument("--methods", nargs="+", help="only these methods")
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from rolo_batch.runtime import ensure_ray
+    from rolo_batch.score import ScoreConfig, run_scoring
+
+    config = ScoreConfig(tracks_uri=args.tracks, data_uri=args.data, out_uri=args.out, run=args.run,
+                         protocol=args.protocol, steps=args.steps, split_manifest=args.split_manifest,
+                         include_training_frames=args.include_training_frames,
+                         methods=tuple(args.methods) if args.methods else None)
+    ensure_ray(args.address)
+    summary = run_scoring(config)
+    print(summary.table())
+    for problem in summary.problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"scores written to {summary.scores_uri}")
+    print(f"report: {summary.files.markdown}  plots: {summary.files.success_png}, {summary.files.precision_png}")
+    return 0
+
+
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "render", help="write an overlay video (mp4) of one tracked video",
+        description="Draw the ground truth (red), YOLO (blue), ROLO (green) and the other methods' boxes on the "
+                    "frames of VIDEO, and for the heatmap model its location map, into an mp4 at OUT_URI.",
+        epilog="example: rolo-batch render data/ out/tracks/rolo synth-003 out/synth-003.mp4")
+    p.add_argument("data", metavar="DATA_URI", help="the video collection")
+    p.add_argument("tracks", metavar="TRACKS_URI", help="a tracking run (OUT_URI/tracks/<run>)")
+    p.add_argument("video", metavar="VIDEO", help="which video")
+    p.add_argument("out", metavar="OUT_URI", help="the mp4 to write")
+    p.add_argument("--methods", nargs="+", help="only these methods (default: all in the run)")
+    p.add_argument("--fps", type=float, default=30.0, help="frames per second of the mp4 (default: 30)")
+    p.add_argument("--no-heatmap", action="store_true", help="do not draw the heatmap model's map")
+    p.set_defaults(handler=_run_render)
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from rolo_batch import contracts, datasets, storage, tables
+    from rolo_batch.render import render_overlay
+    from rolo_batch.track import load_heatmaps
+
+    video = datasets.open_video(datasets.discover(args.data, names=[args.video]).videos[0])
+    unit = tables.unit_uri(args.tracks, args.video)
+    rows = tables.TrackRows.from_arrow(tables.read_parquet(storage.join(unit, tables.PART_FILE),
+                                                           contracts.load("tracks")))
+    rows = [r for r in rows if not args.methods or r.method in args.methods]
+    heatmaps = None if args.no_heatmap else load_heatmaps(unit)
+    frames = render_overlay(video, rows, args.out, heatmaps, fps=args.fps)
+    print(f"wrote {frames} frames to {args.out}")
+    return 0
+
+
 # --- schema / validate -----------------------------------------------------------------------------------
 
 def _add_schema(sub: argparse._SubParsersAction) -> None:
@@ -321,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
-    for add in (_add_synth, _add_inspect, _add_extract, _add_train, _add_schema, _add_validate):
+    for add in (_add_synth, _add_inspect, _add_extract, _add_train, _add_track, _add_score, _add_render,
+                _add_schema, _add_validate):
         add(sub)
     from rolo_batch.submit import add_job_commands
 

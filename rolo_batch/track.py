@@ -1,0 +1,314 @@
+"""Batch tracking: features (+ frames) -> the tracks table, one atomic unit per video, with Ray Data.
+
+``track_videos`` is the plain function: for a group of videos it runs ROLO in lockstep (one model call per
+frame for all videos of the group: windows batched across videos for the accelerator) and then, one pass
+over each video, the baselines (YOLO only, YOLO + Kalman, OpenCV's CSRT / KCF / MIL on the frames).
+One-pass evaluation: every tracker gets the first frame's box and nothing else of the ground truth (except
+in the named ``oracle`` detection mode, which reproduces the paper's choice of detection by ground truth).
+
+``run_tracking`` is the Ray layer: a Ray Data dataset of videos, ``map_batches`` over an actor pool that
+holds the model (on a GPU when the cluster has them); each actor writes its videos'
+``tracks/<run>/video=<name>/part-0.parquet`` atomically and marks them done, so a retried task (an actor that
+died) rewrites the same files and a re-run skips finished videos. The heatmap model's maps are kept beside
+the rows (``heatmaps.npy``, float16 (N, 32, 32)) for overlay videos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from rolo_batch import contracts, datasets, storage, tables, trackers
+from rolo_batch.console import format_table
+from rolo_batch.errors import ConfigError, InputError, RoloBatchError
+
+TRACKS_DIR = "tracks"
+RUN_INFO = "_run.json"
+HEATMAPS_FILE = "heatmaps.npy"
+METHODS = ("rolo", "yolo", "yolo-kalman", "csrt", "kcf", "mil")
+IMAGE_METHODS = ("csrt", "kcf", "mil")
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """A tracking run. ``detection``: ``ope`` picks each frame's detection by the previous estimate (one-pass
+    evaluation); ``oracle`` by the ground truth (the paper's code; leaks the answer, for comparison only).
+    ``videos_per_batch``: videos tracked in lockstep per model call (more fills an accelerator better).
+    ``data_uri``: where the frames are (default: the sources recorded when the features were extracted)."""
+
+    features_uri: str
+    model_uri: str
+    out_uri: str
+    run: str = "rolo"
+    methods: tuple[str, ...] = METHODS
+    detection: str = "ope"
+    data_uri: str | None = None
+    videos: tuple[str, ...] | None = None
+    videos_per_batch: int = 8
+    actors: int | None = None
+    gpu: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS + ("identity",)]
+        if unknown or not self.methods:
+            raise ConfigError(f"unknown tracking method(s) {unknown}; choose from {', '.join(METHODS)}, identity")
+        if self.detection not in ("ope", "oracle"):
+            raise ConfigError(f"detection must be ope or oracle, got {self.detection!r}")
+        if self.videos_per_batch < 1:
+            raise ConfigError("videos_per_batch must be >= 1")
+        if self.gpu not in ("auto", "on", "off"):
+            raise ConfigError(f"gpu must be auto, on or off, got {self.gpu!r}")
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join(self.out_uri, TRACKS_DIR, self.run)
+
+
+@dataclass
+class VideoToTrack:
+    """One video's inputs: its features file, and where its frames are (for the OpenCV trackers)."""
+
+    video: str
+    part_uri: str
+    source: dict | None
+
+
+# --- plain functions -------------------------------------------------------------------------------------
+
+def observations(frames: tables.FeatureFrames, video: datasets.VideoSource | None) -> Iterator[trackers.Observation]:
+    """The observations of a video, frame by frame; images decoded only when ``video`` is given."""
+    images = video.iter_frames() if video is not None else None
+    for index in range(len(frames)):
+        image = None
+        if images is not None:
+            frame = next(images)
+            if frame.number != frames.frame[index]:
+                raise InputError(f"frame {frame.number} of the video does not match features row "
+                                 f"{frames.frame[index]}", video=frames.video)
+            image = frame.image
+        yield trackers.Observation(index=index, frame=int(frames.frame[index]),
+                                   image_wh=(int(frames.image_wh[index, 0]), int(frames.image_wh[index, 1])),
+                                   detections=frames.detections[index], feature=frames.feature[index], image=image)
+
+
+def first_box(frames: tables.FeatureFrames) -> np.ndarray:
+    """The box given in the first frame (one-pass evaluation starts from it)."""
+    if not len(frames) or not frames.gt_valid[0]:
+        raise InputError("no valid ground-truth box in the first frame: one-pass tracking needs the target's "
+                         "first box (OTB groundtruth_rect.txt, or a video file's .groundtruth.txt sidecar)",
+                         video=frames.video)
+    return frames.gt_boxes_xywh_px[0].astype(float)
+
+
+def track_rolo(model, steps: int, videos: list[tables.FeatureFrames], oracle: bool = False
+               ) -> tuple[list[tables.TrackRows], list[np.ndarray | None]]:
+    """ROLO over several videos in lockstep: one batched model call per frame index for every video still
+    running. Returns the rows per video and, for the heatmap model, its (N, 32, 32) maps per video."""
+    import torch
+
+    runners = [trackers.RoloTracker(model, steps, oracle, f.gt_boxes_xywh_px.astype(float)) for f in videos]
+    streams = [observations(f, None) for f in videos]
+    boxes = [[] for _ in videos]
+    times = [[] for _ in videos]
+    firsts = [first_box(f) for f in videos]
+    heatmap_model = getattr(model, "config", None) is not None and model.config.form == "heatmap"
+    maps = [[] for _ in videos] if heatmap_model else None
+    for t in range(max(len(f) for f in videos)):
+        active = [i for i, f in enumerate(videos) if t < len(f)]
+        current = {i: next(streams[i]) for i in active}
+        started = time.perf_counter()
+        if t == 0:
+            for i in active:
+                runners[i].init(current[i], firsts[i])
+            estimates = {i: trackers.Estimate(firsts[i].copy(), 1.0) for i in active}
+        else:
+            stepped = trackers.step_many(model, [runners[i] for i in active], [current[i] for i in active])
+            estimates = dict(zip(active, stepped))
+        elapsed_ms = (time.perf_counter() - started) * 1000 / len(active)
+        if maps is not None:
+            windows = np.stack([np.stack(runners[i].window) for i in active])
+            parameter = next(model.parameters())
+            with torch.inference_mode():
+                heat = model.heatmaps(torch.as_tensor(windows, dtype=parameter.dtype, device=parameter.device))
+            for i, h in zip(active, heat.float().cpu().numpy()):
+                maps[i].append(h)
+        for i in active:
+            boxes[i].append(estimates[i].box_xywh_px)
+            times[i].append(elapsed_ms)
+    rows = [tables.TrackRows(video=f.video, method="rolo", frame=f.frame, boxes_xywh_px=np.array(boxes[i]),
+                             confidence=np.full(len(f), np.nan), time_ms=np.array(times[i]))
+            for i, f in enumerate(videos)]
+    heatmaps = [np.stack(m).astype(np.float16) for m in maps] if maps is not None else [None] * len(videos)
+    return rows, heatmaps
+
+
+def track_baselines(frames: tables.FeatureFrames, methods: tuple[str, ...], video: datasets.VideoSource | None
+                    ) -> list[tables.TrackRows]:
+    """The baseline methods over one video, in one pass (frames decoded once, only if a method needs them)."""
+    chosen = [trackers.make_baseline(m) for m in methods]
+    if not chosen:
+        return []
+    needs_images = any(t.needs_images for t in chosen)
+    if needs_images and video is None:
+        raise InputError(f"{', '.join(m for m in methods if m in IMAGE_METHODS)} need the frames, but the video "
+                         f"was not found (pass --data)", video=frames.video)
+    return trackers.run_trackers(chosen, observations(frames, video if needs_images else None), first_box(frames),
+                                 frames.video)
+
+
+def write_video_tracks(run_uri: str, video: str, rows: list[tables.TrackRows], heatmaps: np.ndarray | None,
+                       info: dict) -> None:
+    """Publish one video's unit: the rows (all methods), the heatmaps if any, then the done marker."""
+    import pyarrow as pa
+
+    unit = tables.unit_uri(run_uri, video)
+    table = pa.concat_tables([r.to_arrow() for r in rows])
+    tables.write_parquet(storage.join(unit, tables.PART_FILE), table, contracts.load("tracks"),
+                         {"rolo_batch.model": info.get("model", "")})
+    if heatmaps is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, heatmaps, allow_pickle=False)
+        storage.write_bytes(storage.join(unit, HEATMAPS_FILE), buffer.getvalue())
+    storage.mark_done(unit, {**info, "video": video, "rows": table.num_rows,
+                             "methods": sorted({r.method for r in rows})})
+
+
+def load_heatmaps(unit_uri: str) -> np.ndarray | None:
+    """The heatmap model's maps of one tracked video, (N, 32, 32), if the run kept them."""
+    uri = storage.join(unit_uri, HEATMAPS_FILE)
+    if not storage.is_file(uri):
+        return None
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False).astype(np.float32)
+
+
+# --- the Ray layer ---------------------------------------------------------------------------------------
+
+class TrackBatch:
+    """Ray Data UDF holding the model: tracks each batch of videos and writes their units."""
+
+    def __init__(self, config: TrackConfig, run_info: dict) -> None:
+        import torch
+
+        from rolo_batch.rolo import load_model
+        from rolo_batch.runtime import torch_device_for_actor
+
+        self.config = config
+        self.run_info = run_info
+        self.device = torch_device_for_actor()
+        self.model, self.info = load_model(config.model_uri, device=self.device)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    def _open_source(self, item: VideoToTrack) -> datasets.VideoSource | None:
+        if not item.source:
+            return None
+        return datasets.open_video(datasets.VideoRef(**item.source))
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [VideoToTrack(str(v), str(p), json.loads(str(s)) if s else None)
+                 for v, p, s in zip(batch["video"], batch["part_uri"], batch["source"])]
+        outcome = {item.video: {"status": "failed", "frames": 0, "seconds": 0.0, "error": ""} for item in items}
+        loaded = []
+        for item in items:
+            if not self.config.overwrite and storage.is_done(tables.unit_uri(self.config.run_uri, item.video)):
+                outcome[item.video].update(status="skipped")  # finished by an earlier attempt of this task
+                continue
+            try:
+                frames = tables.FeatureFrames.from_arrow(
+                    tables.read_parquet(item.part_uri, contracts.load("features"), feature_dim=self.info.feature_dim))
+                first_box(frames)
+                loaded.append((item, frames))
+            except RoloBatchError as exc:
+                outcome[item.video]["error"] = str(exc)
+        started = time.perf_counter()
+        rolo_rows, heatmaps = ([], [])
+        if loaded and "rolo" in self.config.methods:
+            rolo_rows, heatmaps = track_rolo(self.model, self.info.steps, [f for _, f in loaded],
+                                             oracle=self.config.detection == "oracle")
+        rolo_seconds = time.perf_counter() - started
+        baselines = tuple(m for m in self.config.methods if m != "rolo")
+        for index, (item, frames) in enumerate(loaded):
+            video_started = time.perf_counter()
+            try:
+                rows = list(rolo_rows[index:index + 1]) + track_baselines(frames, baselines, self._open_source(item))
+                write_video_tracks(self.config.run_uri, item.video, rows, heatmaps[index] if heatmaps else None,
+                                   self.run_info)
+                outcome[item.video].update(status="done", frames=len(frames),
+                                           seconds=time.perf_counter() - video_started + rolo_seconds / len(loaded))
+            except RoloBatchError as exc:
+                outcome[item.video]["error"] = str(exc)
+        videos = list(outcome)
+        return {"video": np.array(videos), "status": np.array([outcome[v]["status"] for v in videos]),
+                "frames": np.array([outcome[v]["frames"] for v in videos]),
+                "seconds": np.array([outcome[v]["seconds"] for v in videos]),
+                "error": np.array([outcome[v]["error"] for v in videos])}
+
+
+@dataclass
+class TrackSummary:
+    """The outcome of a tracking run: one row per video (status, frames, seconds, error)."""
+
+    run_uri: str
+    rows: list[dict[str, Any]]
+    seconds: float
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+    def table(self) -> str:
+        return format_table(self.rows, ["video", "status", "frames", "seconds", "error"], floatfmt=".2f")
+
+
+def _sources(config: TrackConfig, table: tables.FeaturesTable) -> dict[str, dict | None]:
+    """Where each video's frames are: ``--data`` if given, else the source recorded at extraction."""
+    if config.data_uri is None:
+        return {name: unit.info.get("source") for name, unit in table.units.items()}
+    found = {ref.name: dataclasses.asdict(ref) for ref in datasets.discover(config.data_uri).videos}
+    return {name: found.get(name) for name in table.units}
+
+
+def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> TrackSummary:
+    """Track every video of the features table on the connected Ray cluster (see the module docstring)."""
+    import ray
+
+    from rolo_batch.rolo import load_model
+    from rolo_batch.runtime import cluster_resources
+
+    started = time.perf_counter()
+    table = tables.FeaturesTable.open(config.features_uri, list(config.videos) if config.videos else None)
+    _, info = load_model(config.model_uri, feature_dim=table.feature_dim)
+    if info.detector_id and info.detector_id != table.detector_id:
+        raise ConfigError(f"the model was trained on features of detector {info.detector_id}, but "
+                          f"{table.root} holds {table.detector_id}")
+    run_info = {"model": config.model_uri, "features": table.root, "detector_id": table.detector_id,
+                "steps": info.steps, "split": info.split, "detection": config.detection,
+                "split_manifest": info.metadata.get("split_manifest"), "methods": list(config.methods)}
+    storage.write_text(storage.join(config.run_uri, RUN_INFO), json.dumps(run_info, indent=2, sort_keys=True))
+    sources = _sources(config, table)
+    done = set() if config.overwrite else set(tables.done_units(config.run_uri))
+    rows = [{"video": v, "status": "skipped", "frames": 0, "seconds": 0.0, "error": ""}
+            for v in sorted(table.units) if v in done]
+    todo = [{"video": name, "part_uri": unit.part_uri, "source": json.dumps(sources[name]) if sources[name] else ""}
+            for name, unit in sorted(table.units.items()) if name not in done]
+    if todo:
+        resources = cluster_resources()
+        use_gpu = config.gpu == "on" or (config.gpu == "auto" and resources.gpus >= 1)
+        batches = -(-len(todo) // config.videos_per_batch)
+        actors = config.actors or max(1, min(batches, int(resources.gpus) if use_gpu else
+                                             max(1, int(resources.cpus // max(num_cpus_per_actor, 1)))))
+        dataset = ray.data.from_items(todo, override_num_blocks=batches)
+        results = dataset.map_batches(
+            TrackBatch, fn_constructor_args=(config, run_info), batch_size=config.videos_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
+            num_cpus=num_cpus_per_actor)
+        for row in results.iter_rows():
+            rows.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+    rows.sort(key=lambda r: r["video"])
+    return TrackSummary(config.run_uri, rows, time.perf_counter() - started)

@@ -1,0 +1,196 @@
+"""Tracking: the tracker contract, ROLO in lockstep across videos, one-pass evaluation, and the Ray Data layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rolo_batch import cli, contracts, storage, tables, trackers
+from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+from rolo_batch.detector import build_detector, save_detector
+from rolo_batch.extract import DetectorSpec, run_extraction
+from rolo_batch.rolo import RoloConfig, build_model, export_model
+from rolo_batch.track import METHODS, TrackConfig, load_heatmaps, run_tracking, track_rolo
+from tests.helpers import synthetic_feature_frames
+
+IMAGE_WH = (320, 240)
+
+
+def observation(index: int, detections: list[list[float]], feature=None) -> trackers.Observation:
+    return trackers.Observation(index=index, frame=index + 1, image_wh=IMAGE_WH,
+                                detections=np.array(detections, np.float32).reshape(-1, 6), feature=feature)
+
+
+# --- the contract and the baselines ----------------------------------------------------------------------
+
+def test_yolo_follows_the_detection_that_continues_the_track_not_the_most_confident():
+    # target at the left, a more confident look-alike at the right
+    frames = [observation(i, [[0, 0.2 + 0.01 * i, 0.5, 0.1, 0.2, 0.6], [0, 0.8, 0.5, 0.1, 0.2, 0.9]])
+              for i in range(5)]
+    first = np.array([0.15 * 320, 0.4 * 240, 32, 48])
+    rows = trackers.run_tracker(trackers.YoloTracker(), frames, first, "v")
+    centres_x = rows.boxes_xywh_px[1:, 0] + rows.boxes_xywh_px[1:, 2] / 2
+    np.testing.assert_allclose(centres_x, [(0.2 + 0.01 * i) * 320 for i in range(1, 5)], atol=1e-3)
+    np.testing.assert_array_equal(rows.boxes_xywh_px[0], first)
+
+
+def test_no_detection_keeps_the_last_box_with_zero_confidence():
+    frames = [observation(0, [[0, 0.5, 0.5, 0.1, 0.1, 0.9]]), observation(1, [[0, 0.5, 0.5, 0.1, 0.1, 0.9]]),
+              observation(2, [])]
+    rows = trackers.run_tracker(trackers.YoloTracker(), frames, np.array([144, 108, 32, 24]), "v")
+    np.testing.assert_array_equal(rows.boxes_xywh_px[2], rows.boxes_xywh_px[1])
+    assert rows.confidence[2] == 0.0 and rows.confidence[1] == pytest.approx(0.9)
+
+
+def test_kalman_coasts_on_constant_velocity_through_missed_detections():
+    frames = []
+    for i in range(12):
+        cx = 0.2 + 0.02 * i
+        frames.append(observation(i, [] if i >= 9 else [[0, cx, 0.5, 0.1, 0.1, 0.9]]))
+    rows = trackers.run_tracker(trackers.KalmanTracker(), frames, np.array([0.15 * 320, 0.45 * 240, 32, 24]), "v")
+    centres = rows.boxes_xywh_px[:, 0] + rows.boxes_xywh_px[:, 2] / 2
+    assert np.all(np.diff(centres[8:]) > 3), "the filter stopped when the detections did"
+    assert abs(centres[11] - (0.2 + 0.02 * 11) * 320) < 8
+
+
+def test_identity_and_the_first_frame_box_is_the_given_one():
+    frames = [observation(i, [[0, 0.9, 0.9, 0.1, 0.1, 1.0]]) for i in range(3)]
+    first = np.array([10.0, 20.0, 30.0, 40.0])
+    for tracker in (trackers.IdentityTracker(), trackers.YoloTracker(), trackers.KalmanTracker()):
+        rows = trackers.run_tracker(tracker, frames, first, "v")
+        np.testing.assert_array_equal(rows.boxes_xywh_px[0], first)
+        assert rows.confidence[0] == 1.0 and np.isfinite(rows.time_ms).all()
+
+
+# --- ROLO ------------------------------------------------------------------------------------------------
+
+def small_model(form: str = "compact", steps: int = 3, dim: int = 16):
+    torch.manual_seed(0)
+    return build_model(RoloConfig(form=form, feature_dim=dim, steps=steps, hidden_size=8, projection_size=8)).eval()
+
+
+def test_lockstep_batching_gives_what_one_video_at_a_time_gives():
+    model = small_model()
+    videos = [synthetic_feature_frames(f"v{i}", n, 16, seed=i) for i, n in enumerate((9, 5, 12))]
+    together, _ = track_rolo(model, 3, videos)
+    for video, rows in zip(videos, together):
+        alone, _ = track_rolo(model, 3, [video])
+        np.testing.assert_allclose(rows.boxes_xywh_px, alone[0].boxes_xywh_px, atol=1e-5)
+        assert len(rows) == len(video) and rows.method == "rolo"
+
+
+def test_one_pass_tracking_reads_no_ground_truth_after_the_first_frame():
+    model = small_model()
+    video = synthetic_feature_frames("v", 10, 16, seed=3)
+    hidden = tables.FeatureFrames(**{**video.__dict__, "gt_boxes_xywh_px": video.gt_boxes_xywh_px.copy()})
+    hidden.gt_boxes_xywh_px[1:] = np.nan
+    hidden.gt_valid[1:] = False
+    (seen,), _ = track_rolo(model, 3, [video])
+    (blind,), _ = track_rolo(model, 3, [hidden])
+    np.testing.assert_array_equal(seen.boxes_xywh_px, blind.boxes_xywh_px)
+    (oracle,), _ = track_rolo(model, 3, [video], oracle=True)
+    assert oracle.boxes_xywh_px.shape == seen.boxes_xywh_px.shape
+
+
+def test_the_heatmap_model_keeps_its_maps():
+    model = small_model("heatmap")
+    video = synthetic_feature_frames("v", 6, 16, seed=4)
+    (rows,), (maps,) = track_rolo(model, 3, [video])
+    assert maps.shape == (6, 32, 32) and np.isfinite(rows.boxes_xywh_px).all()
+
+
+# --- the Ray Data layer ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, ray_local):
+    """Three small synthetic videos, their features (random tiny detector) and an (untrained) exported model."""
+    root = tmp_path_factory.mktemp("track")
+    synthesize(str(root / "data"), SynthConfig(videos=3, frames=16, width=96, height=72, seed=5))
+    weights = str(root / "tiny.pt")
+    save_detector(build_detector("yolo-tiny", random_init=True, seed=1), weights)
+    summary = run_extraction(str(root / "data"), str(root / "out"), DetectorSpec(weights=weights))
+    table = tables.FeaturesTable.open(summary.table_root)
+    torch.manual_seed(0)
+    model = build_model(RoloConfig(feature_dim=table.feature_dim, steps=3, hidden_size=8, projection_size=8,
+                                   detector_id=table.detector_id))
+    export_model(model, str(root / "model.pt"), split="exp2")
+    return root, summary.table_root
+
+
+def test_every_method_tracks_every_video_once(extracted):
+    root, features = extracted
+    summary = run_tracking(TrackConfig(features, str(root / "model.pt"), str(root / "out"), run="all",
+                                       videos_per_batch=2, gpu="off"))
+    assert [(r["video"], r["status"]) for r in summary.rows] == [(f"synth-00{i}", "done") for i in range(3)]
+    for video in ("synth-000", "synth-001", "synth-002"):
+        part = storage.join(tables.unit_uri(summary.run_uri, video), tables.PART_FILE)
+        table = tables.read_parquet(part, contracts.load("tracks"))
+        by_method = {r.method: r for r in tables.TrackRows.from_arrow(table)}
+        assert sorted(by_method) == sorted(METHODS)
+        for rows in by_method.values():
+            np.testing.assert_array_equal(rows.frame, np.arange(1, 17))
+            assert np.isfinite(rows.boxes_xywh_px).all() and np.isfinite(rows.time_ms).all()
+    again = run_tracking(TrackConfig(features, str(root / "model.pt"), str(root / "out"), run="all", gpu="off"))
+    assert {r["status"] for r in again.rows} == {"skipped"}
+
+
+def test_a_video_without_a_first_box_fails_by_name_and_the_others_complete(extracted, tmp_path):
+    root, features = extracted
+    # a copy of the features where one video's ground truth is gone
+    copy = tmp_path / "features"
+    for video in ("synth-000", "synth-001"):
+        source = tables.unit_uri(features, video)
+        frames = tables.FeatureFrames.from_arrow(tables.read_parquet(storage.join(source, tables.PART_FILE),
+                                                                     contracts.load("features")))
+        if video == "synth-001":
+            frames.gt_valid[:] = False
+            frames.gt_boxes_xywh_px[:] = np.nan
+        unit = tables.unit_uri(str(copy), video)
+        tables.write_parquet(storage.join(unit, tables.PART_FILE), frames.to_arrow(), contracts.load("features"))
+        storage.mark_done(unit, storage.read_done(source))
+    summary = run_tracking(TrackConfig(str(copy), str(root / "model.pt"), str(tmp_path / "out"),
+                                       methods=("rolo", "yolo"), gpu="off"))
+    status = {r["video"]: r for r in summary.rows}
+    assert status["synth-000"]["status"] == "done"
+    assert status["synth-001"]["status"] == "failed" and "first frame" in status["synth-001"]["error"]
+    assert "synth-001" in summary.table()
+
+
+def test_a_model_for_other_features_is_refused(extracted, tmp_path):
+    root, features = extracted
+    export_model(small_model(dim=16), str(tmp_path / "other.pt"), split="exp2")
+    with pytest.raises(Exception, match="feature_dim"):
+        run_tracking(TrackConfig(features, str(tmp_path / "other.pt"), str(tmp_path), gpu="off"))
+
+
+def test_tracking_on_s3_with_the_heatmap_model(extracted, bucket):
+    root, features = extracted
+    table = tables.FeaturesTable.open(features)
+    torch.manual_seed(0)
+    model = build_model(RoloConfig(form="heatmap", feature_dim=table.feature_dim, steps=3, hidden_size=8,
+                                   projection_size=8, detector_id=table.detector_id))
+    export_model(model, f"s3://{bucket}/model.pt", split="exp2")
+    summary = run_tracking(TrackConfig(features, f"s3://{bucket}/model.pt", f"s3://{bucket}/out",
+                                       methods=("rolo", "yolo-kalman"), gpu="off"))
+    assert {r["status"] for r in summary.rows} == {"done"}
+    maps = load_heatmaps(tables.unit_uri(summary.run_uri, "synth-002"))
+    assert maps is not None and maps.shape == (16, 32, 32)
+
+
+def test_cli_track_score_render(extracted, capsys):
+    root, features = extracted
+    out = str(root / "cli")
+    assert cli.main(["track", features, str(root / "model.pt"), out, "--methods", "rolo", "yolo", "kcf",
+                     "--gpu", "off"]) == 0
+    assert "tracks written to" in capsys.readouterr().out
+    assert cli.main(["score", f"{out}/tracks/rolo", str(root / "data"), out]) == 0
+    printed = capsys.readouterr().out
+    for method in ("rolo", "yolo", "kcf"):
+        assert method in printed
+    for name in ("scores.parquet", "report.md", "success.png", "precision.png"):
+        assert storage.is_file(f"{out}/scores/rolo/{name}"), name
+    assert cli.main(["render", str(root / "data"), f"{out}/tracks/rolo", "synth-001", f"{out}/overlay.mp4"]) == 0
+    import cv2
+    capture = cv2.VideoCapture(f"{out}/overlay.mp4")
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 16
