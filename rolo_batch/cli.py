@@ -133,9 +133,37 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
 
-def _add_extract(sub: argparse._SubParsersAction) -> None:
+def _add_detector_options(p: argparse.ArgumentParser) -> None:
     from rolo_batch.detector import PRESETS
 
+    g = p.add_argument_group("detector")
+    g.add_argument("--detector", choices=sorted(PRESETS),
+                   help="detector network (default: the checkpoint's own; yolo-tiny with --random-init)")
+    g.add_argument("--weights", metavar="URI",
+                   help="detector weights: a rolo-batch checkpoint (e.g. from 'rolo-batch train-detector') or a "
+                        "Darknet .weights file")
+    g.add_argument("--random-init", action="store_true", help="use random weights (smoke tests only)")
+    g.add_argument("--init-seed", type=int, default=0, help="seed of --random-init (default: 0)")
+    g.add_argument("--frames-per-batch", type=_positive_int, default=16,
+                   help="frames per detector call (default: 16)")
+    g.add_argument("--prefetch", type=_positive_int, default=2,
+                   help="decoded batches waiting ahead of the detector (default: 2)")
+
+
+def _detector_spec(args: argparse.Namespace):
+    from rolo_batch.extract import DetectorSpec
+
+    return DetectorSpec(name=args.detector, weights=args.weights, random_init=args.random_init, seed=args.init_seed)
+
+
+def _extract_options(args: argparse.Namespace):
+    from rolo_batch.extract import ExtractOptions
+
+    return ExtractOptions(batch_size=args.frames_per_batch, prefetch_batches=args.prefetch,
+                          overwrite=getattr(args, "overwrite", False))
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract", help="run the YOLO detector over videos into the features table (Ray actors on GPUs)",
         description="Shard the videos under DATA_URI across Ray actors (one detector replica per GPU, or CPU "
@@ -149,15 +177,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", metavar="DATA_URI", help="video collection (OTB folders or video files)")
     p.add_argument("out", metavar="OUT_URI", help="output root (features go under OUT_URI/features/)")
-    p.add_argument("--detector", choices=sorted(PRESETS),
-                   help="detector network (default: the checkpoint's own; yolo-tiny with --random-init)")
-    p.add_argument("--weights", metavar="URI",
-                   help="detector weights: a rolo-batch checkpoint or a Darknet .weights file")
-    p.add_argument("--random-init", action="store_true", help="use random weights (smoke tests only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default: 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="frames per detector call (default: 16)")
-    p.add_argument("--prefetch", type=_positive_int, default=2,
-                   help="decoded batches waiting ahead of the detector (default: 2)")
+    _add_detector_options(p)
     p.add_argument("--actors", type=_positive_int, help="detector replicas (default: one per GPU, or per "
                                                         "--cpus-per-actor CPUs)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0,
@@ -170,11 +190,10 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from rolo_batch.extract import DetectorSpec, ExtractOptions, run_extraction
+    from rolo_batch.extract import run_extraction
     from rolo_batch.runtime import ensure_ray
 
-    spec = DetectorSpec(name=args.detector, weights=args.weights, random_init=args.random_init, seed=args.seed)
-    options = ExtractOptions(batch_size=args.batch_size, prefetch_batches=args.prefetch, overwrite=args.overwrite)
+    spec, options = _detector_spec(args), _extract_options(args)
     ensure_ray(args.address)
     summary = run_extraction(args.data, args.out, spec, options, videos=args.videos, actors=args.actors,
                              gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
@@ -186,6 +205,61 @@ def _run_extract(args: argparse.Namespace) -> int:
 
 
 # --- train -----------------------------------------------------------------------------------------------
+
+_SPLITS_EPILOG = ("splits: exp1 trains on some videos and tests on others (OTB30's 22/8, or your lists); exp2 "
+                  "trains on the\nfirst third of every video and tests on the rest; exp3 reads every frame but "
+                  "takes the loss only on the\nfirst third's ground truth.")
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ROLO training")
+    g.add_argument("--split", choices=["exp1", "exp2", "exp3"], default="exp2", help="experiment (default: exp2)")
+    g.add_argument("--train-list", metavar="URI", help="exp1: file of training video names, one per line")
+    g.add_argument("--test-list", metavar="URI", help="exp1: file of test video names, one per line")
+    g.add_argument("--steps", type=_positive_int, default=6, help="frames per window (default: 6)")
+    g.add_argument("--stride", type=_positive_int, default=1, help="frames between training windows (default: 1)")
+    g.add_argument("--model", choices=["compact", "faithful", "heatmap"], default="compact",
+                   help="compact: projection + small LSTM (default); faithful: the paper's LSTM with hidden "
+                        "size = input size; heatmap: a 32x32 location map")
+    g.add_argument("--hidden", type=_positive_int, default=256, help="compact/heatmap LSTM size (default: 256)")
+    g.add_argument("--layers", type=_positive_int, default=1, help="compact/heatmap LSTM layers (default: 1)")
+    g.add_argument("--projection", type=_positive_int, default=256,
+                   help="compact/heatmap feature projection size (default: 256)")
+    g.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="box loss (default: mse, as the paper)")
+    g.add_argument("--detection-input", choices=["table", "best_iou_to_ground_truth"], default="table",
+                   help="the detection fed to the LSTM in training: the features table's (default; what "
+                        "tracking sees), or the one that best overlaps the ground truth (the paper's code; uses "
+                        "ground truth)")
+    g.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default: 20)")
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="windows per worker per step (default: 64)")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    g.add_argument("--workers", type=_positive_int, default=1, help="data-parallel workers (default: 1)")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs between checkpoints (default: 1)")
+    g.add_argument("--max-failures", type=_non_negative_int, default=2,
+                   help="restarts from the last checkpoint after a worker fails (default: 2)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _train_config(args: argparse.Namespace, features_uri: str, out_uri: str):
+    from rolo_batch.rolo import RoloConfig
+    from rolo_batch.train import TrainConfig
+    from rolo_batch.windows import WindowConfig
+
+    model = RoloConfig(form=args.model, feature_dim=1, steps=args.steps, hidden_size=args.hidden,
+                       num_layers=args.layers, projection_size=args.projection, loss=args.loss)
+    return TrainConfig(features_uri=features_uri, out_uri=out_uri, run=args.run, split=args.split,
+                       train_list=args.train_list, test_list=args.test_list, model=model,
+                       window=WindowConfig(steps=args.steps, stride=args.stride, detection=args.detection_input),
+                       epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                       workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
+                       max_failures=args.max_failures, seed=args.seed,
+                       videos=tuple(args.videos) if args.videos else None)
+
+
+def _add_gpu_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto",
+                   help="use GPUs: auto = when the cluster has them (default: auto)")
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -200,62 +274,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "  rolo-batch train out/ out/ --split exp2 --steps 6 --workers 2\n"
                "  rolo-batch train s3://work/run1 s3://work/run1 --split exp1 --model faithful --epochs 50\n"
                "  rolo-batch train out/ out/ --split exp1 --train-list train.txt --test-list test.txt\n\n"
-               "splits: exp1 trains on some videos and tests on others (OTB30's 22/8, or your lists); exp2 "
-               "trains on the\nfirst third of every video and tests on the rest; exp3 reads every frame "
-               "but takes the loss only on the\nfirst third's ground truth.",
+               + _SPLITS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("features", metavar="FEATURES_URI",
                    help="features table (features/<detector-id>), or an output root holding exactly one")
     p.add_argument("out", metavar="OUT_URI", help="output root (the model goes under OUT_URI/models/<run>/)")
     p.add_argument("--run", default="rolo", help="run name; re-using one resumes it (default: rolo)")
-    p.add_argument("--split", choices=["exp1", "exp2", "exp3"], default="exp2", help="experiment (default: exp2)")
-    p.add_argument("--train-list", metavar="URI", help="exp1: file of training video names, one per line")
-    p.add_argument("--test-list", metavar="URI", help="exp1: file of test video names, one per line")
-    p.add_argument("--steps", type=_positive_int, default=6, help="frames per window (default: 6)")
-    p.add_argument("--stride", type=_positive_int, default=1, help="frames between training windows (default: 1)")
-    p.add_argument("--model", choices=["compact", "faithful", "heatmap"], default="compact",
-                   help="compact: projection + small LSTM (default); faithful: the paper's LSTM with hidden "
-                        "size = input size; heatmap: a 32x32 location map")
-    p.add_argument("--hidden", type=_positive_int, default=256, help="compact/heatmap LSTM size (default: 256)")
-    p.add_argument("--layers", type=_positive_int, default=1, help="compact/heatmap LSTM layers (default: 1)")
-    p.add_argument("--projection", type=_positive_int, default=256,
-                   help="compact/heatmap feature projection size (default: 256)")
-    p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="box loss (default: mse, as the paper)")
-    p.add_argument("--detection", choices=["table", "best_iou_to_ground_truth"], default="table",
-                   help="the detection fed to the LSTM in training: the features table's (default; what "
-                        "tracking sees), or the one that best overlaps the ground truth (the paper's code; uses "
-                        "ground truth)")
-    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default: 20)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="windows per worker per step (default: 64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    p.add_argument("--workers", type=_positive_int, default=1, help="data-parallel workers (default: 1)")
-    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto",
-                   help="train on GPUs: auto = when the cluster has one per worker (default: auto)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs between checkpoints (default: 1)")
-    p.add_argument("--max-failures", type=_non_negative_int, default=2,
-                   help="restarts from the last checkpoint after a worker fails (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_training_options(p)
+    _add_gpu_option(p)
     p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
     _add_ray_options(p)
     p.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from rolo_batch.console import format_table
-    from rolo_batch.rolo import RoloConfig
     from rolo_batch.runtime import ensure_ray
-    from rolo_batch.train import TrainConfig, run_training
-    from rolo_batch.windows import WindowConfig
+    from rolo_batch.train import run_training
 
-    model = RoloConfig(form=args.model, feature_dim=1, steps=args.steps, hidden_size=args.hidden,
-                       num_layers=args.layers, projection_size=args.projection, loss=args.loss)
-    config = TrainConfig(features_uri=args.features, out_uri=args.out, run=args.run, split=args.split,
-                         train_list=args.train_list, test_list=args.test_list, model=model,
-                         window=WindowConfig(steps=args.steps, stride=args.stride, detection=args.detection),
-                         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                         workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
-                         max_failures=args.max_failures, seed=args.seed,
-                         videos=tuple(args.videos) if args.videos else None)
+    config = _train_config(args, args.features, args.out)
     ensure_ray(args.address)
     result = run_training(config)
     columns = ["epoch", "loss", "val_loss", "val_baseline_loss", "train_iou", "val_iou", "samples_per_s_per_worker"]
@@ -268,9 +304,31 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # --- track / score / render ------------------------------------------------------------------------------
 
-def _add_track(sub: argparse._SubParsersAction) -> None:
+def _add_tracking_options(p: argparse.ArgumentParser) -> None:
     from rolo_batch.track import METHODS
 
+    g = p.add_argument_group("tracking")
+    g.add_argument("--methods", nargs="+", choices=list(METHODS) + ["identity"], default=list(METHODS),
+                   help="methods to run (default: all)")
+    g.add_argument("--detection", choices=["ope", "oracle"], default="ope",
+                   help="ope: each frame's detection is the one that continues the previous estimate (default); "
+                        "oracle: the one that best overlaps the ground truth, as the paper's code did (leaks "
+                        "the answer; for comparison only)")
+    g.add_argument("--videos-per-batch", type=_positive_int, default=8,
+                   help="videos tracked in lockstep per model call (default: 8)")
+
+
+def _track_config(args: argparse.Namespace, features_uri: str, model_uri: str, out_uri: str):
+    from rolo_batch.track import TrackConfig
+
+    return TrackConfig(features_uri=features_uri, model_uri=model_uri, out_uri=out_uri, run=args.run,
+                       methods=tuple(args.methods), detection=args.detection, data_uri=getattr(args, "data", None),
+                       videos=tuple(args.videos) if args.videos else None,
+                       videos_per_batch=args.videos_per_batch, actors=getattr(args, "actors", None), gpu=args.gpu,
+                       overwrite=getattr(args, "overwrite", False))
+
+
+def _add_track(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "track", help="track every video with ROLO and the baselines (Ray Data, batched across videos)",
         description="One-pass tracking of every video of FEATURES_URI with the model MODEL_URI (from 'rolo-batch "
@@ -287,19 +345,12 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL_URI", help="the model.pt written by 'rolo-batch train'")
     p.add_argument("out", metavar="OUT_URI", help="output root (tracks go under OUT_URI/tracks/<run>/)")
     p.add_argument("--run", default="rolo", help="name of this tracking run (default: rolo)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS) + ["identity"], default=list(METHODS),
-                   help="methods to run (default: all)")
-    p.add_argument("--detection", choices=["ope", "oracle"], default="ope",
-                   help="ope: each frame's detection is the one that continues the previous estimate (default); "
-                        "oracle: the one that best overlaps the ground truth, as the paper's code did (leaks "
-                        "the answer; for comparison only)")
+    _add_tracking_options(p)
     p.add_argument("--data", metavar="DATA_URI",
                    help="where the frames are (default: where they were when the features were extracted)")
     p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
-    p.add_argument("--videos-per-batch", type=_positive_int, default=8,
-                   help="videos tracked in lockstep per model call (default: 8)")
     p.add_argument("--actors", type=_positive_int, help="tracking actors (default: one per GPU, or per CPU)")
-    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="run the model on GPUs (default: auto)")
+    _add_gpu_option(p)
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already done")
     _add_ray_options(p)
     p.set_defaults(handler=_run_track)
@@ -307,13 +358,9 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
 
 def _run_track(args: argparse.Namespace) -> int:
     from rolo_batch.runtime import ensure_ray
-    from rolo_batch.track import TrackConfig, run_tracking
+    from rolo_batch.track import run_tracking
 
-    config = TrackConfig(features_uri=args.features, model_uri=args.model, out_uri=args.out, run=args.run,
-                         methods=tuple(args.methods), detection=args.detection, data_uri=args.data,
-                         videos=tuple(args.videos) if args.videos else None,
-                         videos_per_batch=args.videos_per_batch, actors=args.actors, gpu=args.gpu,
-                         overwrite=args.overwrite)
+    config = _track_config(args, args.features, args.model, args.out)
     ensure_ray(args.address)
     summary = run_tracking(config)
     print(summary.table())
@@ -400,6 +447,56 @@ def _run_render(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- pipeline --------------------------------------------------------------------------------------------
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline", help="extract, train, track, score and render in one go (reusing finished stages)",
+        description="Run every stage on DATA_URI into OUT_URI: extract features with the detector, train ROLO, "
+                    "track with ROLO and the baselines, score (tables, report.md, success.png, precision.png) "
+                    "and write overlay videos. A re-run reuses what is finished: extracted and tracked videos, "
+                    "and the trained model (delete OUT_URI/models/<run>/model.pt to retrain).",
+        epilog="examples:\n"
+               "  rolo-batch pipeline data/ out/ --weights out/detectors/demo/detector.pt\n"
+               "  rolo-batch pipeline s3://archive/otb30 s3://work/otb30 --detector yolo-v1-small "
+               "--weights s3://models/yolo-small.weights --split exp1 --model faithful\n\n" + _SPLITS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA_URI", help="video collection (OTB folders or video files)")
+    p.add_argument("out", metavar="OUT_URI", help="output root of every stage")
+    p.add_argument("--run", default="rolo", help="name of the model and tracking run (default: rolo)")
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos (training and tracking)")
+    _add_detector_options(p)
+    _add_training_options(p)
+    _add_tracking_options(p)
+    g = p.add_argument_group("scoring and rendering")
+    g.add_argument("--protocol", choices=["otb", "rolo"], default="otb", help="scoring protocol (default: otb)")
+    g.add_argument("--render", nargs="+", metavar="VIDEO", help="videos to write overlays of (default: the first)")
+    _add_gpu_option(p)
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_pipeline)
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from rolo_batch.pipeline import PipelineConfig, run_pipeline
+    from rolo_batch.runtime import ensure_ray
+
+    config = PipelineConfig(data_uri=args.data, out_uri=args.out, detector=_detector_spec(args),
+                            extract=_extract_options(args), train=_train_config(args, "", args.out),
+                            track=_track_config(args, "", "", args.out), protocol=args.protocol,
+                            render=tuple(args.render) if args.render else None)
+    ensure_ray(args.address)
+    result = run_pipeline(config)
+    _print_locations(result.locations())
+    return 1 if result.extract.failed or result.track.failed else 0
+
+
+def _print_locations(locations: dict[str, str]) -> None:
+    print("\nresults:")
+    width = max(len(k) for k in locations)
+    for name, uri in locations.items():
+        print(f"  {name.ljust(width)}  {uri}")
+
+
 # --- schema / validate -----------------------------------------------------------------------------------
 
 def _add_schema(sub: argparse._SubParsersAction) -> None:
@@ -456,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
     for add in (_add_synth, _add_inspect, _add_extract, _add_train, _add_track, _add_score, _add_render,
-                _add_schema, _add_validate):
+                _add_pipeline, _add_schema, _add_validate):
         add(sub)
     from rolo_batch.submit import add_job_commands
 

@@ -1,0 +1,137 @@
+"""The whole pipeline in one call: extract -> train -> track -> score -> render, reusing finished stages.
+
+Each stage is the same library call its own command makes; this module only sequences them and decides what
+can be reused on a re-run: extraction and tracking skip videos already done (their own resume), training is
+skipped when the run's ``model.pt`` exists (delete it, or use another run name, to retrain), scoring is
+cheap and always redone, an overlay video is rendered once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from rolo_batch import datasets, storage, tables
+from rolo_batch.errors import ConfigError
+from rolo_batch.extract import DetectorSpec, ExtractOptions, ExtractSummary, run_extraction
+from rolo_batch.score import ScoreConfig, ScoreSummary, run_scoring
+from rolo_batch.track import TrackConfig, TrackSummary, run_tracking
+from rolo_batch.train import MODEL_FILE, TrainConfig, run_training
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every stage's configuration. ``train`` and ``track`` carry placeholder URIs that ``run_pipeline``
+    fills in (features, model) from the earlier stages. ``render``: videos to write overlay mp4s of
+    (default: the first video)."""
+
+    data_uri: str
+    out_uri: str
+    detector: DetectorSpec
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+    train: TrainConfig | None = None
+    track: TrackConfig | None = None
+    protocol: str = "otb"
+    render: tuple[str, ...] | None = None
+
+    def train_config(self, features_uri: str) -> TrainConfig:
+        base = self.train or TrainConfig(features_uri="", out_uri="")
+        return dataclasses.replace(base, features_uri=features_uri, out_uri=self.out_uri)
+
+    def track_config(self, features_uri: str, model_uri: str, run: str) -> TrackConfig:
+        base = self.track or TrackConfig(features_uri="", model_uri="", out_uri="")
+        return dataclasses.replace(base, features_uri=features_uri, model_uri=model_uri, out_uri=self.out_uri,
+                                   run=run, data_uri=base.data_uri or self.data_uri)
+
+
+@dataclass
+class PipelineResult:
+    """What each stage produced, and where."""
+
+    extract: ExtractSummary
+    model_uri: str
+    trained: bool
+    track: TrackSummary
+    score: ScoreSummary
+    overlays: list[str]
+    seconds: dict[str, float]
+
+    def locations(self) -> dict[str, str]:
+        return {"features": self.extract.table_root, "model": self.model_uri, "tracks": self.track.run_uri,
+                "scores": self.score.scores_uri, "report": self.score.files.markdown,
+                "success plot": self.score.files.success_png, "precision plot": self.score.files.precision_png,
+                **{f"overlay {storage.basename(o)}": o for o in self.overlays}}
+
+
+def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
+    """Run every stage on the connected Ray cluster; ``log`` gets one line per stage and the stage tables."""
+    seconds: dict[str, float] = {}
+
+    def stage(name: str) -> Callable[[], None]:
+        started = time.perf_counter()
+        log(f"\n== {name} ==")
+        return lambda: seconds.__setitem__(name, time.perf_counter() - started)
+
+    done = stage("extract")
+    extracted = run_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
+    log(extracted.table())
+    done()
+    if extracted.failed and len(extracted.failed) == len(extracted.results):
+        raise ConfigError("every video failed to extract; nothing to train on")
+
+    done = stage("train")
+    train = config.train_config(extracted.table_root)
+    model_uri = storage.join(train.run_uri, MODEL_FILE)
+    trained = not storage.is_file(model_uri)
+    if trained:
+        result = run_training(train)
+        model_uri = result.model_uri
+        final = result.final
+        log(f"trained {len(result.history)} epochs: val loss {final['val_loss']:.3f} (mean box "
+            f"{final['val_baseline_loss']:.3f}), val IoU {final['val_iou']:.3f}")
+    else:
+        log(f"reusing {model_uri} (delete it to retrain)")
+    done()
+
+    done = stage("track")
+    tracked = run_tracking(config.track_config(extracted.table_root, model_uri, train.run))
+    log(tracked.table())
+    done()
+
+    done = stage("score")
+    scored = run_scoring(ScoreConfig(tracks_uri=tracked.run_uri, data_uri=config.data_uri, out_uri=config.out_uri,
+                                     protocol=config.protocol))
+    log(scored.table())
+    done()
+
+    done = stage("render")
+    overlays = _render(config, tracked.run_uri, log)
+    done()
+    return PipelineResult(extracted, model_uri, trained, tracked, scored, overlays, seconds)
+
+
+def _render(config: PipelineConfig, tracks_uri: str, log: Log) -> list[str]:
+    from rolo_batch import contracts
+    from rolo_batch.render import render_overlay
+    from rolo_batch.track import load_heatmaps
+
+    finished = tables.done_units(tracks_uri)
+    names = list(config.render) if config.render else sorted(finished)[:1]
+    written = []
+    for name in names:
+        if name not in finished:
+            log(f"render: {name} was not tracked; skipped")
+            continue
+        out = storage.join(config.out_uri, "overlays", f"{name}.mp4")
+        if not storage.is_file(out):
+            video = datasets.open_video(datasets.discover(config.data_uri, names=[name]).videos[0])
+            rows = tables.TrackRows.from_arrow(tables.read_parquet(finished[name], contracts.load("tracks")))
+            heatmaps = load_heatmaps(tables.unit_uri(tracks_uri, name))
+            render_overlay(video, rows, out, heatmaps)
+        log(f"overlay: {out}")
+        written.append(out)
+    return written
