@@ -4,14 +4,14 @@ tests write. Everything binds to 127.0.0.1: tests talk to no other address."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port, wait_for_port
 
 # With the pinned Ray on Linux, this makes a local Ray use 127.0.0.1 instead of the routable address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -19,22 +19,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The real OTB sequences live beside the checkout (CI has them there too); ROLO_OTB_SAMPLES overrides.
 OTB_SAMPLES = Path(os.environ.get("ROLO_OTB_SAMPLES", REPO_ROOT.parent / "shared" / "data" / "otb-samples"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +101,6 @@ def ray_local(s3_env):
     ensure_ray(address="local", num_cpus=4, num_gpus=2)
     yield ray
     ray.shutdown()
+
+
+from tests.rayhead import cluster_env, ray_head  # noqa: E402,F401  (session fixtures: a real Ray head)
