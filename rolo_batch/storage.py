@@ -38,6 +38,10 @@ import pyarrow.fs as pafs
 from rolo_batch.errors import StorageError, TransientStorageError
 
 DONE_MARKER = "_done.json"
+# Transient failures: the S3 client retries each request (standard AWS backoff), and whole operations are
+# retried on top; together they ride out an outage of about a minute, then fail with a clear error.
+S3_CLIENT_ATTEMPTS = 5
+OPERATION_ATTEMPTS = 3
 _T = TypeVar("_T")
 
 
@@ -105,7 +109,7 @@ def _s3_settings() -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _s3_fs(bucket: str, *, endpoint: str, region: str, profile: str, key_id: str) -> pafs.S3FileSystem:
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8)}
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_CLIENT_ATTEMPTS)}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -165,8 +169,8 @@ def _storage_errors(uri: str) -> Iterator[None]:
         raise _classify(uri, exc) from exc
 
 
-def retrying(operation: Callable[[], _T], *, what: str, attempts: int = 5, base_delay_s: float = 0.5,
-             max_delay_s: float = 10.0) -> _T:
+def retrying(operation: Callable[[], _T], *, what: str, attempts: int = OPERATION_ATTEMPTS,
+             base_delay_s: float = 0.5, max_delay_s: float = 10.0) -> _T:
     """Run ``operation``, retrying ``TransientStorageError`` with jittered exponential backoff.
 
     Permanent errors propagate at once. ``what`` names the operation in the final error.
