@@ -7,8 +7,10 @@ named by ``RAY_ADDRESS``, or start a local Ray when there is none.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
+import threading
 from typing import Callable, Sequence
 
 from rolo_batch import __version__
@@ -129,6 +131,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 # --- extract ---------------------------------------------------------------------------------------------
 
+def _connect(address: str | None) -> None:
+    """Connect to Ray (see ``runtime.ensure_ray``). Ray's own SIGTERM handler aborts the process, so ours,
+    which stops the job as Ctrl-C does, goes back in afterwards."""
+    from rolo_batch.runtime import ensure_ray
+
+    ensure_ray(address)
+    _interrupt_on_sigterm()
+
+
 def _add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
@@ -191,10 +202,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 def _run_extract(args: argparse.Namespace) -> int:
     from rolo_batch.extract import run_extraction
-    from rolo_batch.runtime import ensure_ray
 
     spec, options = _detector_spec(args), _extract_options(args)
-    ensure_ray(args.address)
+    _connect(args.address)
     summary = run_extraction(args.data, args.out, spec, options, videos=args.videos, actors=args.actors,
                              gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
     print(summary.table())
@@ -288,11 +298,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from rolo_batch.runtime import ensure_ray
     from rolo_batch.train import run_training
 
     config = _train_config(args, args.features, args.out)
-    ensure_ray(args.address)
+    _connect(args.address)
     result = run_training(config)
     columns = ["epoch", "loss", "val_loss", "val_baseline_loss", "train_iou", "val_iou", "samples_per_s_per_worker"]
     print(format_table([{c: h[c] for c in columns} for h in result.history], columns))
@@ -357,11 +366,10 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_track(args: argparse.Namespace) -> int:
-    from rolo_batch.runtime import ensure_ray
     from rolo_batch.track import run_tracking
 
     config = _track_config(args, args.features, args.model, args.out)
-    ensure_ray(args.address)
+    _connect(args.address)
     summary = run_tracking(config)
     print(summary.table())
     print(f"tracks written to {summary.run_uri}")
@@ -398,14 +406,13 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from rolo_batch.runtime import ensure_ray
     from rolo_batch.score import ScoreConfig, run_scoring
 
     config = ScoreConfig(tracks_uri=args.tracks, data_uri=args.data, out_uri=args.out, run=args.run,
                          protocol=args.protocol, steps=args.steps, split_manifest=args.split_manifest,
                          include_training_frames=args.include_training_frames,
                          methods=tuple(args.methods) if args.methods else None)
-    ensure_ray(args.address)
+    _connect(args.address)
     summary = run_scoring(config)
     print(summary.table())
     for problem in summary.problems:
@@ -478,13 +485,12 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     from rolo_batch.pipeline import PipelineConfig, run_pipeline
-    from rolo_batch.runtime import ensure_ray
 
     config = PipelineConfig(data_uri=args.data, out_uri=args.out, detector=_detector_spec(args),
                             extract=_extract_options(args), train=_train_config(args, "", args.out),
                             track=_track_config(args, "", "", args.out), protocol=args.protocol,
                             render=tuple(args.render) if args.render else None)
-    ensure_ray(args.address)
+    _connect(args.address)
     result = run_pipeline(config)
     _print_locations(result.locations())
     return 1 if result.extract.failed or result.track.failed else 0
@@ -561,11 +567,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm():
+    """Treat SIGTERM (a scheduler or ``kill`` stopping the job) like Ctrl-C, so the same clean-up runs.
+    Returns the previous handler (None when not on the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rolo-batch`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    previous_sigterm = _interrupt_on_sigterm()
     try:
         return handler(args)
     except ConfigError as exc:
@@ -578,8 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rolo-batch: storage error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("rolo-batch: interrupted", file=sys.stderr)
+        print("rolo-batch: interrupted. Finished units (videos) are kept and nothing partial is published; "
+              "run the same command again to complete the rest.", file=sys.stderr)
         return 130
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ def extract_video(detector, ref: VideoRef, table_root: str, options: ExtractOpti
     alignment = video.groundtruth
     width, height = video.image_size
     unit = tables.unit_uri(table_root, ref.name)
+    storage.remove_temporaries(unit)  # left by a worker that died on this video before
     contract = contracts.load("features")
     metadata = {"rolo_batch.detector_id": detector.detector_id,
                 "rolo_batch.feature_dim": str(detector.config.feature_dim)}

@@ -294,6 +294,18 @@ def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
         raise
 
 
+def remove_temporaries(dir_uri: str) -> int:
+    """Delete the temporary files a crashed writer left in ``dir_uri`` (``.<name>.tmp-<id>``); return how many.
+
+    Call it only where no other writer is at work (a unit of work owned by the caller)."""
+    removed = 0
+    for entry in list_dir(dir_uri, missing_ok=True):
+        if not entry.is_dir and entry.name.startswith(".") and ".tmp-" in entry.name:
+            delete(entry.uri)
+            removed += 1
+    return removed
+
+
 def _fsync_path(path: str, *, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:

@@ -99,12 +99,16 @@ def unit_uri(table_root: str, video: str) -> str:
 def done_units(table_root: str) -> dict[str, str]:
     """Finished per-video units under ``table_root``: video name -> URI of its Parquet file.
 
-    Units without a done marker (a run that died, a write in progress) are not listed.
+    Units without a done marker (a run that died, a write in progress) are not listed; a unit whose name is
+    not a safe video name (it could lead outside the output root) is an ``InputError``.
     """
+    from rolo_batch.datasets.base import check_video_name
+
     found = {}
     for entry in storage.list_dir(table_root, missing_ok=True):
         if entry.is_dir and entry.name.startswith("video=") and storage.is_done(entry.uri):
-            found[entry.name[len("video="):]] = storage.join(entry.uri, PART_FILE)
+            name = check_video_name(entry.name[len("video="):], where=entry.uri)
+            found[name] = storage.join(entry.uri, PART_FILE)
     return found
 
 

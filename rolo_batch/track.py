@@ -169,6 +169,7 @@ def write_video_tracks(run_uri: str, video: str, rows: list[tables.TrackRows], h
     import pyarrow as pa
 
     unit = tables.unit_uri(run_uri, video)
+    storage.remove_temporaries(unit)  # left by a worker that died on this video before
     table = pa.concat_tables([r.to_arrow() for r in rows])
     tables.write_parquet(storage.join(unit, tables.PART_FILE), table, contracts.load("tracks"),
                          {"rolo_batch.model": info.get("model", "")})
