@@ -503,6 +503,57 @@ def _print_locations(locations: dict[str, str]) -> None:
         print(f"  {name.ljust(width)}  {uri}")
 
 
+# --- benchmark -------------------------------------------------------------------------------------------
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch.detector import PRESETS
+
+    p = sub.add_parser(
+        "benchmark", help="measure each stage against its own limit on this machine or cluster",
+        description="Measure, in one run, each stage against its limit and print the ratios: extraction vs the "
+                    "bare detector (target >= 0.85) and vs a naive per-frame loop, tracking vs the bare LSTM "
+                    "(target >= 0.7), training samples/s per worker with 1 and 2 workers, and the extraction "
+                    "actor's peak memory for a video and one 4x longer. Medians of --runs after --warmup, with "
+                    "min and max. Writes OUT_URI/benchmark.json and benchmark.md. Submit it as a Ray Job to "
+                    "measure a cluster: rolo-batch submit -- benchmark s3://bucket/bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", metavar="OUT_URI", help="where benchmark.json and benchmark.md go")
+    p.add_argument("--detector", choices=sorted(PRESETS), default="yolo-tiny", help="detector (default: yolo-tiny)")
+    p.add_argument("--frames", type=_positive_int, default=128, help="frames of the short video (default: 128)")
+    p.add_argument("--width", type=_positive_int, default=320, help="frame width (default: 320)")
+    p.add_argument("--height", type=_positive_int, default=240, help="frame height (default: 240)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="detector batch (default: 16)")
+    p.add_argument("--threads", type=_positive_int, default=2,
+                   help="CPU threads of the detector, and CPUs of the extraction actor (default: 2)")
+    p.add_argument("--runs", type=_positive_int, default=3, help="measured runs (default: 3)")
+    p.add_argument("--warmup", type=_non_negative_int, default=1, help="unmeasured runs first (default: 1)")
+    p.add_argument("--videos-per-batch", type=_positive_int, default=8, help="tracking lockstep width (default: 8)")
+    p.add_argument("--train-epochs", type=_positive_int, default=4,
+                   help="epochs per training measurement; the first --warmup are not counted (default: 4)")
+    p.add_argument("--stages", nargs="+", choices=["extract", "track", "train", "memory"],
+                   default=["extract", "track", "train", "memory"], help="what to measure (default: all)")
+    _add_gpu_option(p)
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from rolo_batch.benchmark import BenchmarkConfig, run_benchmark
+
+    config = BenchmarkConfig(out_uri=args.out, detector=args.detector, frames=args.frames, width=args.width,
+                             height=args.height, batch_size=args.batch_size, threads=args.threads, runs=args.runs,
+                             warmup=args.warmup, videos_per_batch=args.videos_per_batch, stages=tuple(args.stages),
+                             train_epochs=args.train_epochs,
+                             gpu=args.gpu)
+    _connect(args.address)
+    report = run_benchmark(config)
+    print(report.text())
+    from rolo_batch import storage
+
+    print(f"\nwritten to {storage.join(args.out, 'benchmark.md')}")
+    return 0
+
+
 # --- schema / validate -----------------------------------------------------------------------------------
 
 def _add_schema(sub: argparse._SubParsersAction) -> None:
@@ -559,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
     for add in (_add_synth, _add_inspect, _add_extract, _add_train, _add_track, _add_score, _add_render,
-                _add_pipeline, _add_schema, _add_validate):
+                _add_pipeline, _add_benchmark, _add_schema, _add_validate):
         add(sub)
     from rolo_batch.submit import add_job_commands
 

@@ -202,12 +202,15 @@ class ExtractWorker:
     def info(self) -> dict:
         """Where this replica runs and what it computes."""
         import os
+        import resource
 
         import ray
 
         return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()[:12], "detector_id": self.detector.detector_id,
-                "detector_config": dataclasses.asdict(self.detector.config), "table_root": self.table_root}
+                "detector_config": dataclasses.asdict(self.detector.config), "table_root": self.table_root,
+                "frames_processed": self.frames_processed,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def extract(self, ref: VideoRef) -> VideoResult:
         """Extract one video; bad input becomes a failed result naming the video, not an actor crash."""

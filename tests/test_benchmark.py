@@ -1,0 +1,37 @@
+"""The benchmark keeps working (it runs and reports every figure); how fast is not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rolo_batch import cli
+from rolo_batch.benchmark import BenchmarkConfig, Figure, Ratio
+from rolo_batch.errors import ConfigError
+
+
+@pytest.mark.timeout(900)
+def test_benchmark_runs_every_stage_and_reports_ratios(ray_local, tmp_path, capsys):
+    code = cli.main(["benchmark", str(tmp_path), "--frames", "8", "--width", "96", "--height", "72",
+                     "--batch-size", "4", "--threads", "1", "--runs", "1", "--warmup", "0", "--videos-per-batch", "2",
+                     "--train-epochs", "1",                      "--gpu", "off"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for ratio in ("extract pipeline / bare detector", "extract pipeline / naive loop", "track / bare LSTM",
+                  "train: per-worker throughput, 2 workers / 1", "memory: 4x longer video / video"):
+        assert ratio in printed
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert len(report["ratios"]) == 5 and all(r["value"] > 0 for r in report["ratios"])
+    assert all(len(f["values"]) == 1 and f["median"] > 0 for f in report["figures"])
+    assert "device" in report["environment"] and (tmp_path / "benchmark.md").read_text().startswith("- ")
+
+
+def test_figures_and_ratios():
+    fast, slow = Figure("a", "frames/s", [10, 30, 20]), Figure("b", "frames/s", [40, 40, 40])
+    assert fast.median == 20 and fast.row()["min"] == 10 and fast.row()["max"] == 30
+    ratio = Ratio("a/b", fast, slow, target=0.85)
+    assert ratio.value == 0.5 and ratio.row()["met"] == "NO"
+    assert Ratio("b/a", slow, fast, target=0.85).row()["met"] == "yes"
+    with pytest.raises(ConfigError):
+        BenchmarkConfig(out_uri="x", stages=("nope",))
