@@ -15,7 +15,7 @@ from rolo_batch.errors import ConfigError
 def test_benchmark_runs_every_stage_and_reports_ratios(ray_local, tmp_path, capsys):
     code = cli.main(["benchmark", str(tmp_path), "--frames", "8", "--width", "96", "--height", "72",
                      "--batch-size", "4", "--threads", "1", "--runs", "1", "--warmup", "0", "--videos-per-batch", "2",
-                     "--train-epochs", "1",                      "--gpu", "off"])
+                     "--train-epochs", "1", "--gpu", "off"])
     assert code == 0
     printed = capsys.readouterr().out
     for ratio in ("extract pipeline / bare detector", "extract pipeline / naive loop", "track / bare LSTM",
