@@ -15,6 +15,9 @@ Layers, from the inside out:
   which test, for scoring), Ray Train's checkpoints (``ray/``), and at the end ``model.pt`` (what tracking
   loads), ``metrics.json``/``metrics.csv`` and ``loss.png``.
 
+The Ray Train plumbing (all-reduce, checkpoint state, the trainer, metrics files) is shared with detector
+training, in ``rolo_batch.raytrain``.
+
 The exported model is the one after the last epoch: validation windows are the split's test frames, so
 choosing the "best" epoch on them would tune on the test set.
 """
@@ -22,18 +25,13 @@ choosing the "best" epoch on them would tune on the test set.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import os
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from rolo_batch import splits, storage, tables
+from rolo_batch import raytrain, splits, storage, tables
 from rolo_batch.errors import ConfigError
 from rolo_batch.rolo import RoloConfig
 from rolo_batch.windows import WindowConfig
@@ -41,8 +39,8 @@ from rolo_batch.windows import WindowConfig
 MODELS_DIR = "models"
 MODEL_FILE = "model.pt"
 SPLIT_FILE = "split.json"
-STATE_FILE = "state.pt"
-RAY_DIR = "ray"
+STATE_FILE = raytrain.STATE_FILE
+RAY_DIR = raytrain.RAY_DIR
 
 
 @dataclass(frozen=True)
@@ -170,19 +168,6 @@ def windows_dataset(table: tables.FeaturesTable, split: splits.Split, window: Wi
 
 # --- the Ray Train loop ----------------------------------------------------------------------------------
 
-def _all_reduce(values: dict[str, float]) -> dict[str, float]:
-    """Sum a dict of floats over the workers (identity with one worker)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return dict(zip(keys, tensor.tolist()))
-
-
 def _batches(shard, batch_size: int, shuffle_buffer: int, seed: int | None) -> Iterable[dict]:
     import torch
 
@@ -208,10 +193,8 @@ def train_loop_per_worker(loop: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop["learning_rate"], weight_decay=loop["weight_decay"])
 
     start_epoch, history, mean_target = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    state = raytrain.load_checkpoint_state()
+    if state is not None:
         inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, mean_target = state["epoch"] + 1, state["history"], state["mean_target"]
@@ -237,7 +220,7 @@ def train_loop_per_worker(loop: dict) -> None:
                 totals[f"target_sum_{i}"] += float(batch["targets"][supervised, i].sum())
         seconds = time.perf_counter() - started
         local_samples = totals["samples"]
-        totals = _all_reduce(totals)
+        totals = raytrain.all_reduce_sums(totals)
         if mean_target is None and totals["count"] > 0:
             mean_target = torch.tensor([totals[f"target_sum_{i}"] / totals["count"] for i in range(4)])
         val = {"loss_sum": 0.0, "baseline_sum": 0.0, "iou_sum": 0.0, "count": 0.0}
@@ -245,7 +228,7 @@ def train_loop_per_worker(loop: dict) -> None:
             batch = {k: v.to(device) for k, v in batch.items()}
             for key, value in evaluate_batch(model, batch, mean_target).items():
                 val[key] += value
-        val = _all_reduce(val)
+        val = raytrain.all_reduce_sums(val)
         record = {
             "epoch": epoch + 1,
             "session": loop["session"],
@@ -268,16 +251,10 @@ def train_loop_per_worker(loop: dict) -> None:
                   flush=True)
         last = epoch + 1 == loop["epochs"]
         if last or (epoch + 1) % loop["checkpoint_every"] == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                ckpt = None
-                if rank == 0:
-                    torch.save({"epoch": epoch, "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                                "history": history, "mean_target": mean_target},
-                               os.path.join(directory, STATE_FILE))
-                    ckpt = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(record, checkpoint=ckpt)
+            raytrain.report(record, {"epoch": epoch, "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "history": history, "mean_target": mean_target})
         else:
-            ray.train.report(record)
+            raytrain.report(record)
 
 
 # --- the driver ------------------------------------------------------------------------------------------
@@ -297,14 +274,6 @@ class TrainResult:
         return self.history[-1]
 
 
-def _use_gpu(config: TrainConfig) -> bool:
-    from rolo_batch.runtime import cluster_resources
-
-    if config.gpu == "auto":
-        return cluster_resources().gpus >= config.workers
-    return config.gpu == "on"
-
-
 def _resolve_split(config: TrainConfig) -> splits.Split:
     options: dict[str, Any] = {}
     if config.train_list:
@@ -316,9 +285,6 @@ def _resolve_split(config: TrainConfig) -> splits.Split:
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Train ROLO on the connected Ray cluster (see the module docstring); resumes an interrupted run."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     table = tables.FeaturesTable.open(config.features_uri, list(config.videos) if config.videos else None)
     model_config = dataclasses.replace(config.model, feature_dim=table.feature_dim, detector_id=table.detector_id)
     split = _resolve_split(config)
@@ -333,30 +299,15 @@ def run_training(config: TrainConfig) -> TrainResult:
     val_ds = windows_dataset(table, split, config.window, "test")
     if config.cache_windows:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-    use_gpu = _use_gpu(config)
-    session = uuid.uuid4().hex[:8]
-    location = storage.resolve(config.run_uri)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**_loop_config(config, model_config, use_gpu), "session": session},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(
-            name=RAY_DIR, storage_path=location.path, storage_filesystem=location.fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    with result.checkpoint.as_directory() as directory:
-        state = _load_state(os.path.join(directory, STATE_FILE))
+    use_gpu = raytrain.use_gpu(config.gpu, config.workers)
+    session = raytrain.new_session()
+    state = raytrain.fit(train_loop_per_worker, {**_loop_config(config, model_config, use_gpu), "session": session},
+                         config.run_uri, workers=config.workers, gpu=use_gpu, max_failures=config.max_failures,
+                         datasets={"train": train_ds, "val": val_ds})
     history = state["history"]
-    this_session = [h["epoch"] for h in history if h["session"] == session]
     model_uri = _export(config, model_config, state, split.name, table)
-    _write_metrics(config.run_uri, history)
-    return TrainResult(config.run_uri, model_uri, history, min(this_session) - 1 if this_session else len(history))
+    raytrain.write_metrics(config.run_uri, history, {"loss.png": _loss_plot(history)})
+    return TrainResult(config.run_uri, model_uri, history, raytrain.resumed_from_epoch(history, session))
 
 
 def _loop_config(config: TrainConfig, model_config: RoloConfig, use_gpu: bool) -> dict:
@@ -364,12 +315,6 @@ def _loop_config(config: TrainConfig, model_config: RoloConfig, use_gpu: bool) -
             "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
             "grad_clip": config.grad_clip, "checkpoint_every": config.checkpoint_every, "seed": config.seed,
             "shuffle_buffer": config.shuffle_buffer, "use_gpu": use_gpu}
-
-
-def _load_state(path: str) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _export(config: TrainConfig, model_config: RoloConfig, state: dict, split_name: str,
@@ -386,15 +331,6 @@ def _export(config: TrainConfig, model_config: RoloConfig, state: dict, split_na
         "window_stride": config.window.stride, "window_detection": config.window.detection,
         "final_val_loss": final["val_loss"], "final_val_iou": final["val_iou"]})
     return uri
-
-
-def _write_metrics(run_uri: str, history: list[dict]) -> None:
-    storage.write_text(storage.join(run_uri, "metrics.json"), _json({"epochs": history}))
-    columns = list(history[0]) if history else []
-    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
-                                            for c in columns) for row in history]
-    storage.write_text(storage.join(run_uri, "metrics.csv"), "\n".join(lines) + "\n")
-    storage.write_bytes(storage.join(run_uri, "loss.png"), _loss_plot(history))
 
 
 def _loss_plot(history: list[dict]) -> bytes:
@@ -418,12 +354,8 @@ def _loss_plot(history: list[dict]) -> bytes:
     right.set_ylabel("mean IoU")
     right.set_ylim(0, 1)
     right.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return raytrain.figure_png(figure)
 
 
 def _json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str)
+    return raytrain.to_json(data)

@@ -24,20 +24,7 @@ from rolo_batch.track import TrackConfig, run_tracking
 from rolo_batch.train import TrainConfig, run_training
 from rolo_batch.windows import WindowConfig
 from tests.helpers import write_synthetic_features
-
-
-def pids_whose_title_has(marker: bytes) -> list[int]:
-    """PIDs of processes whose command line (Ray sets it to ``ray::<actor class>...``) contains ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if marker in handle.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
+from tests.processes import own_pids_titled
 
 
 def visible_files(root: Path) -> list[Path]:
@@ -109,7 +96,7 @@ def test_a_training_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoin
     deadline = time.monotonic() + 240
     while not snapshot.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    killed = pids_whose_title_has(b"ray::RayTrainWorker")
+    killed = own_pids_titled(b"ray::RayTrainWorker")
     assert snapshot.exists() and killed, "training never reached its first checkpoint"
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
@@ -137,12 +124,12 @@ def test_a_tracking_actor_killed_mid_video_leaves_every_row_exactly_once(ray_loc
     deadline = time.monotonic() + 240
     victims = []
     while not victims and time.monotonic() < deadline:
-        victims = pids_whose_title_has(b"TrackBatch")
+        victims = own_pids_titled(b"TrackBatch")
         time.sleep(0.1)
     assert victims, "no tracking actor appeared"
     time.sleep(3)  # into its first video (CSRT and MIL take a while per frame)
     done_at_kill = list((tmp_path / "out" / "tracks" / "rolo").glob("video=*/_done.json"))
-    for pid in pids_whose_title_has(b"TrackBatch"):
+    for pid in own_pids_titled(b"TrackBatch"):
         os.kill(pid, signal.SIGKILL)
     runner.join(timeout=500)
     summary = outcome["summary"]

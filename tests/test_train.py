@@ -18,6 +18,7 @@ from rolo_batch.rolo import RoloConfig, build_model, load_model
 from rolo_batch.train import TrainConfig, run_training, train_step
 from rolo_batch.windows import WindowConfig
 from tests.helpers import write_synthetic_features
+from tests.processes import own_pids_titled
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +139,6 @@ def test_two_workers_on_s3(ray_local, bucket):
 
 # --- checkpoints and resume ------------------------------------------------------------------------------
 
-def train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train worker processes on this machine (Ray titles them ``ray::RayTrainWorker``)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if handle.read().startswith(b"ray::RayTrainWorker"):
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(ray_local, tmp_path, features):
     out = str(tmp_path)
     cfg = config(features, out, epochs=12)
@@ -171,7 +158,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(ray_local, tmp_path
     while not snapshot.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert snapshot.exists(), "no checkpoint was registered"
-    workers = train_worker_pids()
+    workers = own_pids_titled(b"ray::RayTrainWorker")
     assert workers, "no training worker found"
     for pid in workers:  # a crash, as when a node dies
         os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,184 @@
+"""Ray Train plumbing shared by the training runs (ROLO in ``train``, the detector in ``detector_train``).
+
+Worker side (inside ``train_loop_per_worker``): ``all_reduce_sums`` / ``all_gather`` over the workers,
+``load_checkpoint_state`` (the state dict of the checkpoint a restarted or re-run training resumes from, or
+None) and ``report`` (per-epoch metrics, with a checkpoint of a state dict written by rank 0 when given).
+
+Driver side: ``use_gpu`` (the ``auto``/``on``/``off`` choice), ``fit`` (a ``TorchTrainer`` whose checkpoints
+live under ``<run_uri>/ray``, local or S3, so that re-running with the same run URI resumes; returns the final
+checkpoint's state dict), ``resumed_from_epoch``, and ``write_metrics`` (``metrics.json``, ``metrics.csv`` and
+a plot beside them).
+
+A checkpoint is one ``torch.save`` file (``state.pt``) holding whatever the loop puts in its state dict (model,
+optimizer, epoch, history, ...), only ever loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from typing import Any, Callable, Mapping
+
+from rolo_batch import storage
+
+STATE_FILE = "state.pt"
+RAY_DIR = "ray"
+
+
+# --- worker side -----------------------------------------------------------------------------------------
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sums(values: Mapping[str, float]) -> dict[str, float]:
+    """Sum a dict of floats over the workers (identity with one worker)."""
+    import torch
+    import torch.distributed as dist
+
+    if not _distributed():
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every worker's ``obj`` (picklable), in rank order (``[obj]`` with one worker)."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def load_checkpoint_state() -> dict | None:
+    """The state dict of the checkpoint this training resumes from (after a worker failure, or a re-run with
+    the same storage and name), or None for a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_state(os.path.join(directory, STATE_FILE))
+
+
+def load_state(path: str) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def report(record: Mapping[str, Any], state: Mapping[str, Any] | None = None) -> None:
+    """Report one epoch's ``record``; with ``state`` (every worker passes it, or None on every worker), rank 0
+    also saves it as this epoch's checkpoint."""
+    import ray.train
+    import torch
+
+    if state is None:
+        ray.train.report(dict(record))
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            torch.save(dict(state), os.path.join(directory, STATE_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(dict(record), checkpoint=checkpoint)
+
+
+# --- driver side -----------------------------------------------------------------------------------------
+
+def use_gpu(gpu: str, workers: int) -> bool:
+    """``"on"``/``"off"`` as asked; ``"auto"``: when the connected cluster has a GPU per worker."""
+    from rolo_batch.runtime import cluster_resources
+
+    if gpu == "auto":
+        return cluster_resources().gpus >= workers
+    return gpu == "on"
+
+
+def new_session() -> str:
+    """An id for this driver session, recorded in each epoch's record (so a resumed run shows which epochs
+    ran when)."""
+    return uuid.uuid4().hex[:8]
+
+
+def fit(train_loop: Callable[[dict], None], loop_config: Mapping[str, Any], run_uri: str, *, workers: int,
+        gpu: bool, max_failures: int, datasets: Mapping[str, Any],
+        resources_per_worker: Mapping[str, float] | None = None, num_to_keep: int = 2) -> dict:
+    """Run ``train_loop`` on ``workers`` Ray Train workers (DDP; GPUs when ``gpu``) with Ray Data
+    ``datasets`` split over them, checkpoints under ``<run_uri>/ray`` (a re-run with the same ``run_uri``
+    resumes from the last one; ``max_failures`` worker-group restarts, each from the last checkpoint).
+    Returns the state dict of the final checkpoint; raises the training's error if it failed."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    location = storage.resolve(run_uri)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=dict(loop_config),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                               resources_per_worker=dict(resources_per_worker or {}) or None),
+        run_config=ray.train.RunConfig(
+            name=RAY_DIR, storage_path=location.path, storage_filesystem=location.fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+        datasets=dict(datasets),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as directory:
+        return load_state(os.path.join(directory, STATE_FILE))
+
+
+def resumed_from_epoch(history: list[dict], session: str) -> int:
+    """The epoch this session started after: 0 for a fresh run, k when it resumed from epoch k's checkpoint
+    (the whole history when this session ran no epoch)."""
+    this_session = [h["epoch"] for h in history if h.get("session") == session]
+    return min(this_session) - 1 if this_session else len(history)
+
+
+def metrics_csv(history: list[dict]) -> str:
+    """The history as CSV, one row per epoch, columns in the first record's order (floats with 6 digits)."""
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    lines = [",".join(columns)]
+    for row in history:
+        lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" if isinstance(row[c], float)
+                              else str(row[c]) for c in columns))
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(run_uri: str, history: list[dict], plots: Mapping[str, bytes]) -> None:
+    """``metrics.json`` (``{"epochs": history}``), ``metrics.csv`` and the ``plots`` (name -> PNG bytes)
+    under ``run_uri``."""
+    storage.write_text(storage.join(run_uri, "metrics.json"), to_json({"epochs": history}))
+    storage.write_text(storage.join(run_uri, "metrics.csv"), metrics_csv(history))
+    for name, png in plots.items():
+        storage.write_bytes(storage.join(run_uri, name), png)
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (and closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
