@@ -20,8 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/rolo-batch synth $(DEMO_OUT)/data --videos 4 --frames 60 --seed 0
-	$(BIN)/rolo-batch inspect $(DEMO_OUT)/data
+	$(BIN)/rolo-batch demo $(DEMO_OUT)
 
 # Re-pin every dependency from the current environment (after changing pyproject.toml on purpose).
 constraints: $(STAMP)

@@ -454,6 +454,104 @@ def _run_render(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train-detector --------------------------------------------------------------------------------------
+
+def _add_train_detector(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch.detector import PRESETS
+
+    p = sub.add_parser(
+        "train-detector", help="train the YOLO detector on the videos' ground truth (Ray Train)",
+        description="Train the YOLO network as a class-agnostic 'target' detector (or with classes) from the "
+                    "ground-truth boxes of the frames the split lets train (exp2: the first third of every "
+                    "video), with the YOLO v1 loss and augmentation (scale/translate, flip, colour jitter), "
+                    "data-parallel on Ray Train, with checkpoints and resume. Reports AP@0.5 and the mean IoU "
+                    "of the best detection on held-out frames. Writes OUT_URI/detectors/<run>/detector.pt, "
+                    "which 'rolo-batch extract --weights' loads.",
+        epilog="examples:\n"
+               "  rolo-batch train-detector data/ out/ --fast-cpu --epochs 60      # minutes on a laptop CPU\n"
+               "  rolo-batch train-detector s3://archive/otb s3://work/det --detector yolo-v1-small "
+               "--init-weights s3://models/yolo-small.weights --workers 4\n\n" + _SPLITS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA_URI", help="video collection with ground truth")
+    p.add_argument("out", metavar="OUT_URI", help="output root (the detector goes under OUT_URI/detectors/<run>/)")
+    p.add_argument("--run", default="detector", help="run name; re-using one resumes it (default: detector)")
+    p.add_argument("--detector", choices=sorted(PRESETS), default="yolo-tiny", help="network (default: yolo-tiny)")
+    p.add_argument("--fast-cpu", action="store_true",
+                   help="the small, fast variant measured for CPUs (128 px input, 4x4 grid, narrower layers)")
+    p.add_argument("--input-size", type=_positive_int, help="input size in pixels (override)")
+    p.add_argument("--grid", type=_positive_int, help="grid cells per side (override; the strides must fit)")
+    p.add_argument("--feature-dim", type=_positive_int, help="size of the feature layer (override)")
+    p.add_argument("--init-weights", metavar="URI", help="start from a detector checkpoint or Darknet weights")
+    p.add_argument("--classes", metavar="URI", help="CSV of video,class for a detector with classes")
+    p.add_argument("--split", choices=["exp1", "exp2", "exp3"], default="exp2", help="experiment (default: exp2)")
+    p.add_argument("--first-part", choices=["otb30", "third"], default="otb30",
+                   help="exp2/exp3 training part: OTB30's recorded first third, else a third (default: otb30)")
+    p.add_argument("--train-list", metavar="URI", help="exp1: file of training video names")
+    p.add_argument("--test-list", metavar="URI", help="exp1: file of test video names")
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    p.add_argument("--epochs", type=_positive_int, default=60, help="epochs (default: 60)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="frames per worker per step (default: 16)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default: 2e-3)")
+    p.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = off (default: 1)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="data-parallel workers (default: 1)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads per worker (default: CPUs / workers)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=5, help="epochs between checkpoints (default: 5)")
+    p.add_argument("--eval-every", type=_positive_int, default=10,
+                   help="epochs between held-out evaluations (default: 10; the last epoch always)")
+    p.add_argument("--max-failures", type=_non_negative_int, default=2,
+                   help="restarts from the last checkpoint after a worker fails (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_gpu_option(p)
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_train_detector)
+
+
+def _detector_train_config(args: argparse.Namespace, data_uri: str, out_uri: str):
+    import csv
+    import io
+
+    from rolo_batch import storage
+    from rolo_batch.detector_train import AugmentConfig, DetectorTrainConfig, FAST_CPU_OVERRIDES
+
+    overrides = dict(FAST_CPU_OVERRIDES) if args.fast_cpu else {}
+    for flag, key in (("input_size", "input_size"), ("grid", "grid"), ("feature_dim", "feature_dim")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    classes = None
+    if args.classes:
+        rows = csv.reader(io.StringIO(storage.read_text(args.classes)))
+        classes = tuple((r[0].strip(), r[1].strip()) for r in rows if r and not r[0].startswith("#"))
+    return DetectorTrainConfig(
+        data_uri=data_uri, out_uri=out_uri, run=args.run, detector=args.detector, overrides=overrides,
+        init_weights=args.init_weights, split=args.split, first_part=args.first_part, train_list=args.train_list,
+        test_list=args.test_list, videos=tuple(args.videos) if args.videos else None, video_classes=classes,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        augment=AugmentConfig(strength=args.augment), workers=args.workers, threads_per_worker=args.threads,
+        gpu=args.gpu, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        max_failures=args.max_failures, seed=args.seed)
+
+
+def _detector_history_table(history: list[dict]) -> str:
+    columns = ["epoch", "train_loss", "train_iou", "ap50", "mean_iou", "frames_per_s_per_worker"]
+    return format_table([{c: h.get(c) for c in columns} for h in history], columns)
+
+
+def _run_train_detector(args: argparse.Namespace) -> int:
+    from rolo_batch.detector_train import finished_run, run_detector_training
+
+    config = _detector_train_config(args, args.data, args.out)
+    result = finished_run(config)
+    if result is None:
+        _connect(args.address)
+        result = run_detector_training(config)
+    else:
+        print(f"already trained: {result.run_uri} (delete it to train again)")
+    print(_detector_history_table(result.history))
+    print(f"held-out AP@0.5 {result.ap50:.3f}, mean IoU of the best detection {result.mean_iou:.3f}")
+    print(f"detector written to {result.detector_uri} (id {result.detector_id})")
+    return 0
+
+
 # --- pipeline --------------------------------------------------------------------------------------------
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
@@ -501,6 +599,46 @@ def _print_locations(locations: dict[str, str]) -> None:
     width = max(len(k) for k in locations)
     for name, uri in locations.items():
         print(f"  {name.ljust(width)}  {uri}")
+
+
+# --- demo ------------------------------------------------------------------------------------------------
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on generated videos, on a local Ray (what 'make demo' runs)",
+        description="Synthesise tracking videos, train the detector on the first third of each, extract "
+                    "features, train ROLO (exp2), track with ROLO, YOLO only, YOLO + Kalman, CSRT, KCF and MIL, "
+                    "score the held-out frames, and write report.md, success.png, precision.png and an overlay "
+                    "video. Nothing is downloaded. A re-run reuses every finished stage.")
+    p.add_argument("out", metavar="OUT_URI", nargs="?", default="demo-output",
+                   help="where everything goes (default: demo-output)")
+    p.add_argument("--videos", type=_positive_int, default=8, help="videos to synthesise (default: 8)")
+    p.add_argument("--frames", type=_positive_int, default=150, help="frames per video (default: 150)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the videos and the training (default: 0)")
+    p.add_argument("--detector-epochs", type=_positive_int, default=60, help="detector epochs (default: 60)")
+    p.add_argument("--rolo-epochs", type=_positive_int, default=30, help="ROLO epochs (default: 30)")
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from rolo_batch.demo import DemoConfig, run_demo, summary
+
+    started = time.perf_counter()
+    config = DemoConfig(out_uri=args.out, videos=args.videos, frames=args.frames, seed=args.seed,
+                        detector_epochs=args.detector_epochs, rolo_epochs=args.rolo_epochs)
+    _connect(args.address)
+    result = run_demo(config)
+    print("\nstage times:")
+    print(format_table([{"stage": k, "seconds": round(v, 1)} for k, v in result.seconds.items()]
+                       + [{"stage": "total", "seconds": round(time.perf_counter() - started, 1)}]))
+    print("\nheadline:")
+    for name, value in summary(result).items():
+        print(f"  {name}: {value:.3f}")
+    _print_locations({"videos": config.data_uri, "detector": result.detector_uri, **result.pipeline.locations()})
+    return 0
 
 
 # --- benchmark -------------------------------------------------------------------------------------------
@@ -609,8 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
-    for add in (_add_synth, _add_inspect, _add_extract, _add_train, _add_track, _add_score, _add_render,
-                _add_pipeline, _add_benchmark, _add_schema, _add_validate):
+    for add in (_add_synth, _add_inspect, _add_train_detector, _add_extract, _add_train, _add_track, _add_score, _add_render,
+                _add_pipeline, _add_demo, _add_benchmark, _add_schema, _add_validate):
         add(sub)
     from rolo_batch.submit import add_job_commands
 

@@ -10,8 +10,8 @@ import pytest
 from rolo_batch import cli, contracts, tables
 from tests.test_tables import make_features
 
-COMMANDS = ["synth", "inspect", "extract", "train", "track", "score", "render", "pipeline", "schema", "validate",
-            "submit", "jobs"]
+COMMANDS = ["synth", "inspect", "train-detector", "extract", "train", "track", "score", "render", "pipeline", "demo",
+            "benchmark", "schema", "validate", "submit", "jobs"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
