@@ -236,6 +236,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--projection", type=_positive_int, default=256,
                    help="compact/heatmap feature projection size (default: 256)")
     g.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="box loss (default: mse, as the paper)")
+    g.add_argument("--box-head", choices=["residual", "absolute"], default="residual",
+                   help="compact box: a correction of the frame's detection box (default; untrained it is "
+                        "YOLO-only) or a box regressed from the hidden state alone")
+    g.add_argument("--feature-dropout", type=float, default=0.0,
+                   help="dropout on the visual feature in training (default: 0)")
+    g.add_argument("--detection-jitter", type=float, default=0.0,
+                   help="augmentation: jitter training detections by this fraction of the box size (default: 0)")
+    g.add_argument("--detection-drop", type=float, default=0.0,
+                   help="augmentation: probability that a training frame's detection is lost (default: 0)")
     g.add_argument("--detection-input", choices=["table", "best_iou_to_ground_truth"], default="table",
                    help="the detection fed to the LSTM in training: the features table's (default; what "
                         "tracking sees), or the one that best overlaps the ground truth (the paper's code; uses "
@@ -256,11 +265,13 @@ def _train_config(args: argparse.Namespace, features_uri: str, out_uri: str):
     from rolo_batch.windows import WindowConfig
 
     model = RoloConfig(form=args.model, feature_dim=1, steps=args.steps, hidden_size=args.hidden,
-                       num_layers=args.layers, projection_size=args.projection, loss=args.loss)
+                       num_layers=args.layers, projection_size=args.projection, loss=args.loss,
+                       box_head=args.box_head, feature_dropout=args.feature_dropout)
     return TrainConfig(features_uri=features_uri, out_uri=out_uri, run=args.run, split=args.split,
                        train_list=args.train_list, test_list=args.test_list, model=model,
                        window=WindowConfig(steps=args.steps, stride=args.stride, detection=args.detection_input),
                        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                       detection_jitter=args.detection_jitter, detection_drop=args.detection_drop,
                        workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
                        max_failures=args.max_failures, seed=args.seed,
                        videos=tuple(args.videos) if args.videos else None)

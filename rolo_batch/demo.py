@@ -54,7 +54,8 @@ class DemoConfig:
         model = RoloConfig(form="compact", feature_dim=1, steps=self.steps, hidden_size=128, projection_size=128)
         train = TrainConfig(features_uri="", out_uri=self.out_uri, run="demo", split="exp2", model=model,
                             window=WindowConfig(steps=self.steps), epochs=self.rolo_epochs, batch_size=16,
-                            learning_rate=2e-3, checkpoint_every=10, max_failures=2, seed=self.seed)
+                            learning_rate=2e-3, detection_jitter=0.1, detection_drop=0.1,
+                            checkpoint_every=10, max_failures=2, seed=self.seed)
         track = TrackConfig(features_uri="", model_uri="", out_uri=self.out_uri, run="demo")
         return PipelineConfig(data_uri=self.data_uri, out_uri=self.out_uri, detector=DetectorSpec(weights=detector_uri),
                               extract=ExtractOptions(batch_size=16), train=train, track=track,

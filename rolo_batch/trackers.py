@@ -269,6 +269,8 @@ class RoloTracker(Tracker):
     the one that best overlaps the ground truth, as the paper's code did) joins the window of the last
     ``steps`` frames (feature ++ detection), and the LSTM reads the box off the window.
 
+    A frame where no detection continues the track enters as the previous estimate with confidence 0 (never as
+    a zero box: that made the estimate collapse to the corner, after which no detection could continue it).
     Until ``steps`` frames have been seen, the window is padded with the first frame. ``prepare``/``accept``
     split ``update`` in two so that many videos can share one model call (``step_many``).
     ``groundtruth_xywh_px`` (N, 4) is read only in oracle mode.
@@ -293,8 +295,14 @@ class RoloTracker(Tracker):
                                            observation.image_wh)
         else:
             chosen = choose_detection(observation.detections, reference_xywh_px, observation.image_wh)
-        detection = observation.detections[chosen] if chosen is not None else np.zeros(6, np.float32)
-        return np.concatenate([np.asarray(observation.feature, np.float32), np.asarray(detection, np.float32)])
+        if chosen is not None:
+            detection = np.asarray(observation.detections[chosen], np.float32)
+        else:  # a miss: where the target was last estimated, with confidence 0 (as training windows enter one)
+            detection = np.zeros(6, np.float32)
+            if np.isfinite(reference_xywh_px).all():
+                detection[1:5] = boxes.xywh_px_to_cxcywh_norm(np.asarray(reference_xywh_px, float)[None],
+                                                              observation.image_wh)[0]
+        return np.concatenate([np.asarray(observation.feature, np.float32), detection])
 
     def init(self, observation: Observation, box_xywh_px: np.ndarray) -> None:
         self.estimate = np.asarray(box_xywh_px, float).copy()

@@ -52,6 +52,8 @@ class TrainConfig:
     checkpoints). ``max_failures``: worker-group restarts (from the last checkpoint) before giving up.
     ``cache_windows``: build the windows once and keep them in Ray's object store (spilling to disk) for every
     epoch; off, every epoch re-reads the features table (for window sets larger than the cluster's disk).
+    ``detection_jitter``/``detection_drop``: augmentation of the training windows' detection input, drawn anew
+    every epoch (``rolo.perturb_detections``); 0 leaves it as the table has it.
     """
 
     features_uri: str
@@ -67,6 +69,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    detection_jitter: float = 0.0
+    detection_drop: float = 0.0
     workers: int = 1
     gpu: str = "auto"
     checkpoint_every: int = 1
@@ -82,6 +86,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.detection_jitter < 0 or not 0 <= self.detection_drop < 1:
+            raise ConfigError(f"detection_jitter must be >= 0 and detection_drop in [0, 1), got "
+                              f"{self.detection_jitter}, {self.detection_drop}")
         if self.gpu not in ("auto", "on", "off"):
             raise ConfigError(f"gpu must be auto, on or off, got {self.gpu!r}")
         if self.model.steps != self.window.steps:
@@ -181,7 +188,7 @@ def train_loop_per_worker(loop: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from rolo_batch.rolo import build_model
+    from rolo_batch.rolo import build_model, perturb_detections
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -205,9 +212,13 @@ def train_loop_per_worker(loop: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, loop["epochs"]):
         started = time.perf_counter()
+        augment = torch.Generator().manual_seed(loop["seed"] * 1_000_003 + epoch * 1009 + rank)
         totals = {"loss_sum": 0.0, "iou_sum": 0.0, "count": 0.0, "target_sum_0": 0.0, "target_sum_1": 0.0,
                   "target_sum_2": 0.0, "target_sum_3": 0.0, "samples": 0.0}
         for batch in _batches(train_shard, loop["batch_size"], loop["shuffle_buffer"], loop["seed"] + epoch):
+            if loop["detection_jitter"] or loop["detection_drop"]:
+                batch["inputs"] = perturb_detections(batch["inputs"], config.feature_dim, generator=augment,
+                                                     jitter=loop["detection_jitter"], drop=loop["detection_drop"])
             batch = {k: v.to(device) for k, v in batch.items()}
             metrics = train_step(model, optimizer, batch, loop["grad_clip"])
             count = metrics["num_targets"]
@@ -314,7 +325,8 @@ def _loop_config(config: TrainConfig, model_config: RoloConfig, use_gpu: bool) -
     return {"model": dataclasses.asdict(model_config), "epochs": config.epochs, "batch_size": config.batch_size,
             "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
             "grad_clip": config.grad_clip, "checkpoint_every": config.checkpoint_every, "seed": config.seed,
-            "shuffle_buffer": config.shuffle_buffer, "use_gpu": use_gpu}
+            "shuffle_buffer": config.shuffle_buffer, "use_gpu": use_gpu,
+            "detection_jitter": config.detection_jitter, "detection_drop": config.detection_drop}
 
 
 def _export(config: TrainConfig, model_config: RoloConfig, state: dict, split_name: str,

@@ -24,6 +24,10 @@ with the highest IoU to that frame's ground truth, as the paper's training code 
 it USES GROUND TRUTH, so it applies to training windows only (test windows always use the table's column) and
 falls back to the table's column where the frame has no valid ground truth or no detection overlaps it.
 
+A frame without a detection (all zero in the table) enters as the previous frame's box with confidence 0, as a
+missed detection enters tracking (``RoloTracker`` feeds its previous estimate): the box says where the target
+last was, the zero confidence says nothing was seen. Frames before a video's first detection stay all zero.
+
 Everything here works on one video's rows (``FeatureFrames``), so a Ray Data ``map_batches`` over videos can call
 it; ``iter_windows`` yields bounded chunks, so memory follows ``batch_size``, not the video's length x steps.
 """
@@ -135,12 +139,13 @@ def target_boxes(frames: FeatureFrames) -> np.ndarray:
 
 
 def detection_inputs(frames: FeatureFrames, source: DetectionSource = "table") -> np.ndarray:
-    """``(N, 6)`` float32 detection input per frame: the table's ``detection`` column, or (``source=
-    "best_iou_to_ground_truth"``, uses ground truth) the frame's detection with the highest IoU to its ground
-    truth, falling back to the column where no detection overlaps a valid ground-truth box."""
+    """``(N, 6)`` float32 detection input per frame (rows in frame order): the table's ``detection`` column, or
+    (``source="best_iou_to_ground_truth"``, uses ground truth) the frame's detection with the highest IoU to its
+    ground truth, falling back to the column where no detection overlaps a valid ground-truth box; frames with
+    no detection carry the previous box forward (``carry_forward_missing``)."""
     chosen = np.asarray(frames.detection, np.float32).copy()
     if source == "table":
-        return chosen
+        return carry_forward_missing(chosen)
     gt = target_boxes(frames)
     for i in np.flatnonzero(valid_targets(frames)):
         candidates = np.asarray(frames.detections[i], np.float32).reshape(-1, DETECTION_SIZE)
@@ -150,7 +155,18 @@ def detection_inputs(frames: FeatureFrames, source: DetectionSource = "table") -
         best = int(np.argmax(ious))
         if ious[best] > 0:
             chosen[i] = candidates[best]
-    return chosen
+    return carry_forward_missing(chosen)
+
+
+def carry_forward_missing(detections: np.ndarray) -> np.ndarray:
+    """``(N, 6)`` detections in frame order, where a row with confidence 0 and no box (nothing detected) takes
+    the previous row's box with confidence 0 (see the module docstring); a copy."""
+    out = np.asarray(detections, np.float32).copy()
+    missing = (out[:, 5] <= 0) & ~(out[:, 3:5] > 0).any(axis=1)
+    for i in np.flatnonzero(missing):
+        if i > 0:
+            out[i, 1:5] = out[i - 1, 1:5]
+    return out
 
 
 def _unit_xywh(cxcywh_norm: np.ndarray) -> np.ndarray:

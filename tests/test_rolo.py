@@ -49,6 +49,8 @@ def toy_windows(n: int, seed: int) -> dict[str, torch.Tensor]:
     ({"form": "transformer"}, "form"), ({"feature_dim": 0}, "feature_dim"), ({"steps": -1}, "steps"),
     ({"loss": "l1"}, "loss"), ({"loss_scale": 0}, "loss_scale"), ({"heatmap_size": 1}, "heatmap_size"),
     ({"dropout": 1.0}, "dropout"), ({"hidden_size": 2.5}, "hidden_size"),
+    ({"feature_dropout": -0.1}, "feature_dropout"), ({"box_head": "delta"}, "box_head"),
+    ({"max_correction": 0}, "max_correction"),
 ])
 def test_config_is_validated(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -129,10 +131,11 @@ def test_faithful_matches_an_independent_lstm_computation():
 
 # --- learning --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("form", ["faithful", "compact", "heatmap"])
-def test_each_form_learns_a_toy_problem_well_below_the_mean_box_baseline(form):
+@pytest.mark.parametrize("form, options", [("faithful", {}), ("compact", {"box_head": "absolute"}),
+                                           ("heatmap", {})])
+def test_each_form_learns_a_toy_problem_well_below_the_mean_box_baseline(form, options):
     torch.manual_seed(0)
-    config = tiny(form)
+    config = tiny(form, **options)
     model = rolo.build_model(config)
     train, held_out = toy_windows(512, 1), toy_windows(256, 2)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -149,11 +152,82 @@ def test_each_form_learns_a_toy_problem_well_below_the_mean_box_baseline(form):
     assert metrics["mean_iou"] > 0.4
 
 
+def test_an_untrained_residual_model_reproduces_each_steps_detection_box():
+    model = rolo.build_model(tiny("compact"))
+    windows = toy_windows(7, 3)["inputs"]
+    np.testing.assert_allclose(model(windows).detach(), windows[:, -1, D + 1:D + 5], atol=1e-6)
+    np.testing.assert_allclose(model(windows, sequence=True).detach(), windows[..., D + 1:D + 5], atol=1e-6)
+
+
+def noisy_track_windows(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Detections jittered around a box moving at constant speed; the target is the true last box. The feature
+    is one fixed vector (a target that looks the same throughout): random features per window would let the
+    model memorise each window's noise instead of learning to smooth it."""
+    g = torch.Generator().manual_seed(seed)
+    start = 0.3 + 0.4 * torch.rand(n, 1, 2, generator=g)
+    velocity = 0.02 * torch.randn(n, 1, 2, generator=g)
+    true = start + velocity * torch.arange(STEPS).reshape(1, STEPS, 1)
+    size = torch.full((n, STEPS, 2), 0.2)
+    seen = true + 0.03 * torch.randn(n, STEPS, 2, generator=g)
+    detection = torch.cat([torch.zeros(n, STEPS, 1), seen, size, torch.ones(n, STEPS, 1)], dim=-1)
+    feature = torch.randn(1, 1, D, generator=torch.Generator().manual_seed(0)).expand(n, STEPS, D)
+    inputs = torch.cat([feature, detection], dim=-1)
+    return {"inputs": inputs, "targets": torch.cat([true[:, -1], size[:, -1]], dim=-1)}
+
+
+def test_the_residual_model_learns_to_beat_the_detection_it_corrects():
+    """ROLO's premise: reading the window, it places the box better than the last detection alone."""
+    torch.manual_seed(0)
+    model = rolo.build_model(tiny("compact"))
+    train, held_out = noisy_track_windows(1024, 1), noisy_track_windows(512, 2)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        index = torch.randint(0, 1024, (64,))
+        loss, _ = rolo.objective(model, {k: v[index] for k, v in train.items()})
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        _, learned = rolo.objective(model.eval(), held_out)
+        _, detection_only = rolo.objective(rolo.build_model(tiny("compact")).eval(), held_out)
+    assert learned["loss"] < 0.8 * detection_only["loss"], (learned, detection_only)
+
+
+def test_perturbed_detections_stay_in_the_frame_and_a_lost_one_carries_the_previous_box():
+    windows = toy_windows(200, 4)["inputs"]
+    g = torch.Generator().manual_seed(0)
+    out = rolo.perturb_detections(windows, D, jitter=0.2, drop=0.3, generator=g)
+    torch.testing.assert_close(out[..., :D], windows[..., :D])  # features untouched
+    det, before = out[..., D:], windows[..., D:]
+    assert (det[..., 1:5] >= 0).all() and (det[..., 1:5] <= 1).all()
+    assert not torch.equal(det[..., 1:5], before[..., 1:5])
+    lost = det[..., 5] == 0
+    assert not lost[:, 0].any() and 0.2 < lost[:, 1:].float().mean() < 0.4
+    rows, steps = torch.nonzero(lost, as_tuple=True)
+    torch.testing.assert_close(det[rows, steps, 1:5], det[rows, steps - 1, 1:5])
+    again = rolo.perturb_detections(windows, D, jitter=0.2, drop=0.3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out)  # seeded: reproducible
+    torch.testing.assert_close(rolo.perturb_detections(windows, D), windows)
+
+
+def test_a_version_1_model_file_loads_with_the_absolute_head_it_was_trained_with(tmp_path):
+    model = rolo.build_model(tiny("compact", box_head="absolute"))
+    payload = torch.load(io.BytesIO(rolo.model_to_bytes(model, split="exp2")), weights_only=True)
+    payload["version"] = 1
+    del payload["config"]["box_head"], payload["config"]["max_correction"], payload["config"]["feature_dropout"]
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    loaded, info = rolo.model_from_bytes(buffer.getvalue())
+    assert info.config.box_head == "absolute"
+    x = toy_windows(3, 5)["inputs"]
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
 # --- objective -------------------------------------------------------------------------------------------
 
 def constant_box_model(box: list[float]) -> rolo.RoloModel:
     """A compact model that outputs ``box`` whatever the input (zero head weights, bias = logit(box))."""
-    model = rolo.build_model(tiny("compact"))
+    model = rolo.build_model(tiny("compact", box_head="absolute"))
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(torch.logit(torch.tensor(box)))
@@ -364,7 +438,7 @@ def test_a_checkpoint_for_another_architecture_is_an_input_error_naming_file_and
 @pytest.mark.parametrize("content, message", [
     (b"not a checkpoint at all", "not a torch model file"),
     ("plain-weights", "not a rolo-batch model"),
-    ("future-version", "version 2 is not supported"),
+    ("future-version", "version 3 is not supported"),
 ])
 def test_other_files_are_input_errors(content, message, tmp_path):
     path = tmp_path / "x.pt"
@@ -373,7 +447,7 @@ def test_other_files_are_input_errors(content, message, tmp_path):
     elif content == "future-version":
         data = io.BytesIO(rolo.model_to_bytes(trained_looking(), split="exp1"))
         payload = torch.load(data, weights_only=True)
-        payload["version"] = 2
+        payload["version"] = 3
         torch.save(payload, str(path))
     else:
         path.write_bytes(content)

@@ -93,6 +93,25 @@ def test_one_pass_tracking_reads_no_ground_truth_after_the_first_frame():
     assert oracle.boxes_xywh_px.shape == seen.boxes_xywh_px.shape
 
 
+def test_rolo_rides_out_missed_detections_and_picks_the_target_up_again():
+    """A missed frame enters as the previous estimate with confidence 0 (not a zero box): the estimate holds,
+    and the detection that comes back continues the track (an untrained residual model is YOLO-only)."""
+    model = small_model()
+    feature = np.zeros(16, np.float32)
+    frames = [observation(i, [] if i in (3, 4) else [[0, 0.3 + 0.01 * i, 0.5, 0.1, 0.2, 0.9]], feature)
+              for i in range(6)]
+    first = np.array([(0.3 - 0.05) * 320, (0.5 - 0.1) * 240, 32, 48])
+    tracker = trackers.RoloTracker(model, 3)
+    rows = trackers.run_tracker(tracker, frames, first, "v")
+    yolo = trackers.run_tracker(trackers.YoloTracker(), frames, first, "v")
+    np.testing.assert_allclose(rows.boxes_xywh_px, yolo.boxes_xywh_px, atol=1e-3)
+    centres_x = rows.boxes_xywh_px[:, 0] + rows.boxes_xywh_px[:, 2] / 2
+    assert centres_x[5] == pytest.approx(0.35 * 320, abs=0.1)  # picked up again
+    for missed in tracker.window[:2]:  # the window holds frames 4, 5 (the misses) and 6
+        assert missed[-1] == 0.0 and missed[-5:-1] == pytest.approx([0.32, 0.5, 0.1, 0.2], abs=1e-4)
+    assert tracker.window[2][-1] == pytest.approx(0.9)
+
+
 def test_the_heatmap_model_keeps_its_maps():
     model = small_model("heatmap")
     video = synthetic_feature_frames("v", 6, 16, seed=4)

@@ -171,6 +171,20 @@ def test_best_iou_detection_uses_ground_truth_and_only_for_training():
     assert (build_windows(test_video, EXP1, config, purpose="test").inputs[:, 0, DIM] != 7).all()
 
 
+def test_a_frame_without_detection_enters_as_the_previous_box_with_confidence_zero():
+    video = make_video(10)
+    video.detection[[0, 4, 5]] = 0.0
+    for source in ("table", "best_iou_to_ground_truth"):
+        chosen = detection_inputs(video, source)
+        assert (chosen[0] == 0).all()  # nothing seen yet: nothing to carry
+        assert chosen[4, 5] == 0 and chosen[5, 5] == 0
+        np.testing.assert_array_equal(chosen[4, 1:5], chosen[3, 1:5])
+        np.testing.assert_array_equal(chosen[5, 1:5], chosen[3, 1:5])
+    windows = build_windows(video, EXP1, WindowConfig(steps=3))
+    row = list(windows.last_frame).index(6)  # the window of frames 4, 5, 6
+    np.testing.assert_array_equal(windows.inputs[row, 2, DIM + 1:DIM + 5], video.detection[3, 1:5])
+
+
 @pytest.mark.parametrize("options, message", [
     ({"steps": 0}, "steps"), ({"stride": 0}, "stride"), ({"detection": "gt"}, "detection"),
     ({"loss_steps": "first"}, "loss_steps"),
