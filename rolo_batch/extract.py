@@ -194,6 +194,7 @@ class ExtractWorker:
         name = spec.name or (None if spec.weights else "yolo-tiny")
         self.detector = build_detector(name, spec.weights, random_init=spec.random_init, seed=spec.seed,
                                        device=self.device)
+        self.detector.warm_up(options.batch_size)
         self.table_root = tables.features_root(out_uri, self.detector.detector_id)
         self.options = options
         self.progress = progress

@@ -147,7 +147,8 @@ def conventions_text(protocol: Protocol) -> str:
         "A frame where the tracker reports no box counts as IoU 0 and infinite centre error; boxes are not "
         "clipped to the image.",
         "Over a set of videos, the per-video curves are averaged (every video weighs the same); frames are "
-        "summed. Speed (fps) = timed frames / total tracking time.",
+        "summed. Speed (fps) = timed frames / total tracking time: the tracking step only; for methods that read "
+        "the features table (YOLO only, YOLO + Kalman, ROLO) it excludes the detector, which ran at extraction.",
     ]
     return "\n".join(lines)
 
