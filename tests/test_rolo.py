@@ -131,20 +131,25 @@ def test_faithful_matches_an_independent_lstm_computation():
 
 # --- learning --------------------------------------------------------------------------------------------
 
+def fit(model: rolo.RoloModel, train: dict[str, torch.Tensor], steps: int, lr: float) -> None:
+    """``steps`` Adam steps on random batches of 64 windows of ``train``."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        index = torch.randint(0, len(train["inputs"]), (64,))
+        loss, _ = rolo.objective(model, {k: v[index] for k, v in train.items()})
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+
 @pytest.mark.parametrize("form, options", [("faithful", {}), ("compact", {"box_head": "absolute"}),
                                            ("heatmap", {})])
 def test_each_form_learns_a_toy_problem_well_below_the_mean_box_baseline(form, options):
     torch.manual_seed(0)
     config = tiny(form, **options)
     model = rolo.build_model(config)
-    train, held_out = toy_windows(512, 1), toy_windows(256, 2)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        index = torch.randint(0, 512, (64,))
-        loss, _ = rolo.objective(model, {k: v[index] for k, v in train.items()})
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    held_out = toy_windows(256, 2)
+    fit(model, toy_windows(512, 1), steps=400, lr=1e-2)
     with torch.no_grad():
         _, metrics = rolo.objective(model.eval(), held_out)
     baseline = rolo.mean_prediction_loss(config, held_out)
@@ -179,14 +184,8 @@ def test_the_residual_model_learns_to_beat_the_detection_it_corrects():
     """ROLO's premise: reading the window, it places the box better than the last detection alone."""
     torch.manual_seed(0)
     model = rolo.build_model(tiny("compact"))
-    train, held_out = noisy_track_windows(1024, 1), noisy_track_windows(512, 2)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        index = torch.randint(0, 1024, (64,))
-        loss, _ = rolo.objective(model, {k: v[index] for k, v in train.items()})
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    held_out = noisy_track_windows(512, 2)
+    fit(model, noisy_track_windows(1024, 1), steps=300, lr=3e-3)
     with torch.no_grad():
         _, learned = rolo.objective(model.eval(), held_out)
         _, detection_only = rolo.objective(rolo.build_model(tiny("compact")).eval(), held_out)
