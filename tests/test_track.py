@@ -112,6 +112,25 @@ def test_rolo_rides_out_missed_detections_and_picks_the_target_up_again():
     assert tracker.window[2][-1] == pytest.approx(0.9)
 
 
+def test_the_lstm_estimate_does_not_steer_which_detection_it_reads():
+    """However wrong the LSTM's box, the detection fed to it continues the detection track (as YOLO-only),
+    so a bad estimate cannot lead ROLO onto a distractor. Here the model always answers the distractor's box."""
+    model = build_model(RoloConfig(form="compact", feature_dim=16, steps=3, hidden_size=8, projection_size=8,
+                                   box_head="absolute")).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.logit(torch.tensor([0.8, 0.5, 0.1, 0.2])))
+    feature = np.zeros(16, np.float32)
+    frames = [observation(i, [[0, 0.2 + 0.01 * i, 0.5, 0.1, 0.2, 0.6], [0, 0.8, 0.5, 0.1, 0.2, 0.9]], feature)
+              for i in range(6)]
+    tracker = trackers.RoloTracker(model, 3)
+    rows = trackers.run_tracker(tracker, frames, np.array([0.15 * 320, 0.4 * 240, 32, 48]), "v")
+    centres_x = rows.boxes_xywh_px[1:, 0] + rows.boxes_xywh_px[1:, 2] / 2
+    np.testing.assert_allclose(centres_x, 0.8 * 320, atol=0.5)  # the estimate sits on the distractor ...
+    read = np.array([step[16 + 1] for step in tracker.window])
+    np.testing.assert_allclose(read, [0.23, 0.24, 0.25], atol=1e-5)  # ... yet the window reads the target
+
+
 def test_the_heatmap_model_keeps_its_maps():
     model = small_model("heatmap")
     video = synthetic_feature_frames("v", 6, 16, seed=4)
