@@ -537,9 +537,7 @@ class Detector:
         """Run one batch of ``batch_size`` blank frames, so that the one-off costs of the first call (oneDNN or
         cuDNN kernel selection for this shape, memory pools) are not paid inside the first video's timing."""
         size = self.config.input_size
-        self.run(torch.zeros((batch_size, 3, size, size)))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.run(torch.zeros((batch_size, 3, size, size)))  # returns numpy: the device has finished
 
     def run(self, batch: torch.Tensor) -> DetectorOutput:
         """Features and detections of a batch ``preprocess`` made, ``(N, 3, S, S)`` (``infer`` then ``decode``).
