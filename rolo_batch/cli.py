@@ -331,7 +331,7 @@ def _add_tracking_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", nargs="+", choices=list(METHODS) + ["identity"], default=list(METHODS),
                    help="methods to run (default: all)")
     g.add_argument("--detection", choices=["ope", "oracle"], default="ope",
-                   help="ope: each frame's detection is the one that continues the previous estimate (default); "
+                   help="ope: each frame's detection is the one that continues the detection track (default); "
                         "oracle: the one that best overlaps the ground truth, as the paper's code did (leaks "
                         "the answer; for comparison only)")
     g.add_argument("--videos-per-batch", type=_positive_int, default=8,

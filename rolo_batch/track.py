@@ -37,7 +37,7 @@ IMAGE_METHODS = ("csrt", "kcf", "mil")
 
 @dataclass(frozen=True)
 class TrackConfig:
-    """A tracking run. ``detection``: ``ope`` picks each frame's detection by the previous estimate (one-pass
+    """A tracking run. ``detection``: ``ope`` picks each frame's detection by the detection track (one-pass
     evaluation); ``oracle`` by the ground truth (the paper's code; leaks the answer, for comparison only).
     ``videos_per_batch``: videos tracked in lockstep per model call (more fills an accelerator better).
     ``data_uri``: where the frames are (default: the sources recorded when the features were extracted)."""

@@ -111,7 +111,7 @@ def choose_detection(detections: np.ndarray, reference_xywh_px: np.ndarray, imag
                      gate: float = 1.5) -> int | None:
     """Index of the detection that continues the track, or None.
 
-    The detection with the highest IoU with ``reference_xywh_px`` (the previous estimate) wins, ties broken by
+    The detection with the highest IoU with ``reference_xywh_px`` (the track's last box) wins, ties broken by
     confidence. With no overlap, the nearest centre within ``gate`` reference diagonals wins. Uses no ground
     truth: this is the one-pass evaluation rule for every tracker that reads detections.
     """

@@ -25,8 +25,8 @@ it USES GROUND TRUTH, so it applies to training windows only (test windows alway
 falls back to the table's column where the frame has no valid ground truth or no detection overlaps it.
 
 A frame without a detection (all zero in the table) enters as the previous frame's box with confidence 0, as a
-missed detection enters tracking (``RoloTracker`` feeds its previous estimate): the box says where the target
-last was, the zero confidence says nothing was seen. Frames before a video's first detection stay all zero.
+missed detection enters tracking (``RoloTracker`` feeds its detection track's last box): the box says where the
+target last was, the zero confidence says nothing was seen. Frames before a video's first detection stay all zero.
 
 Everything here works on one video's rows (``FeatureFrames``), so a Ray Data ``map_batches`` over videos can call
 it; ``iter_windows`` yields bounded chunks, so memory follows ``batch_size``, not the video's length x steps.
@@ -143,9 +143,9 @@ def detection_inputs(frames: FeatureFrames, source: DetectionSource = "table") -
     (``source="best_iou_to_ground_truth"``, uses ground truth) the frame's detection with the highest IoU to its
     ground truth, falling back to the column where no detection overlaps a valid ground-truth box; frames with
     no detection carry the previous box forward (``carry_forward_missing``)."""
-    chosen = np.asarray(frames.detection, np.float32).copy()
     if source == "table":
-        return carry_forward_missing(chosen)
+        return carry_forward_missing(frames.detection)
+    chosen = np.asarray(frames.detection, np.float32).copy()
     gt = target_boxes(frames)
     for i in np.flatnonzero(valid_targets(frames)):
         candidates = np.asarray(frames.detections[i], np.float32).reshape(-1, DETECTION_SIZE)

@@ -94,7 +94,7 @@ def test_one_pass_tracking_reads_no_ground_truth_after_the_first_frame():
 
 
 def test_rolo_rides_out_missed_detections_and_picks_the_target_up_again():
-    """A missed frame enters as the previous estimate with confidence 0 (not a zero box): the estimate holds,
+    """A missed frame enters as the track's last box with confidence 0 (not a zero box): the estimate holds,
     and the detection that comes back continues the track (an untrained residual model is YOLO-only)."""
     model = small_model()
     feature = np.zeros(16, np.float32)
