@@ -15,6 +15,12 @@ A ``YoloNet`` maps a batch of ``(N, 3, input_size, input_size)`` RGB images (flo
   (the layout of darknet's ``[detection]`` layer with ``sqrt=1`` and of the YOLO_small TensorFlow port that
   ROLO used). ``decode`` turns it into boxes.
 
+Which activation a ``Detector`` hands out as the frame's visual feature is its ``feature`` (``FeatureSpec``):
+``"fc"``, that fully-connected vector (the paper's), or ``"map<N>"``, the activation map of the deepest
+backbone convolution whose output is at least ``N`` x ``N``, flattened in (C, H, W) order. A map keeps where
+things are in the frame, so ROLO can pool it inside each frame's detection box (``rolo_batch.rolo.roi_pool``);
+the fully-connected vector mixes the whole frame together.
+
 Input scaling is darknet's (0-1), the scaling Darknet weights were trained with. (The YOLO_small TensorFlow
 port, whose features ROLO published, fed its converted weights -1 to 1 instead.)
 
@@ -52,8 +58,9 @@ from rolo_batch import storage
 from rolo_batch.errors import ConfigError, InputError
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "PRESETS", "VOC_CLASSES", "ConvSpec", "Detector", "DetectorConfig", "DetectorOutput",
-    "PoolSpec", "YoloNet", "build_detector", "checkpoint_bytes", "decode", "detector_config", "detector_id",
+    "CHECKPOINT_FORMAT", "FC_FEATURE", "PRESETS", "VOC_CLASSES", "ConvSpec", "Detector", "DetectorConfig",
+    "DetectorOutput", "FeatureSpec", "PoolSpec", "YoloNet", "build_detector", "checkpoint_bytes", "decode",
+    "detector_config", "detector_id", "feature_spec", "map_side",
     "init_weights", "load_darknet_weights", "looks_like_checkpoint", "nms_xyxy", "parse_layer",
     "resolve_device", "save_darknet_weights", "save_detector", "weighted_layers",
 ]
@@ -110,6 +117,65 @@ def _output_side(side: int, layer: ConvSpec | PoolSpec) -> int:
     if side < layer.size:
         return 0
     return math.ceil((side - layer.size) / layer.stride) + 1
+
+
+# --- which activation is the visual feature -------------------------------------------------------------
+
+FC_FEATURE = "fc"
+_MAP_FEATURE = re.compile(r"^map(?P<side>[1-9]\d*)$")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which activation of a detector is the frame's visual feature (see the module docstring).
+
+    ``layer``: index into ``YoloNet.backbone`` of the chosen convolution's leaky ReLU, None for the
+    fully-connected feature. ``shape``: ``(C, H, W)`` of the map, None for the vector. ``size``: the length of
+    the flattened feature (``feature_dim`` for ``"fc"``).
+    """
+
+    name: str
+    size: int
+    layer: int | None = None
+    shape: tuple[int, int, int] | None = None
+
+    @property
+    def is_map(self) -> bool:
+        return self.shape is not None
+
+
+def map_side(feature: str) -> int | None:
+    """The ``N`` of ``"map<N>"``, None for ``"fc"``; anything else is a ``ConfigError`` (checkable before
+    the detector's config is known)."""
+    if feature == FC_FEATURE:
+        return None
+    match = _MAP_FEATURE.match(feature) if isinstance(feature, str) else None
+    if not match:
+        raise ConfigError(f"feature {feature!r} is not understood: use 'fc' (the fully-connected feature) or "
+                          f"'map<N>' (the deepest conv activation at least N x N, e.g. 'map16')")
+    return int(match["side"])
+
+
+def feature_spec(config: "DetectorConfig", feature: str = FC_FEATURE) -> FeatureSpec:
+    """Resolve ``"fc"`` or ``"map<N>"`` for ``config``: the deepest backbone convolution whose output side is
+    at least ``N`` (e.g. ``map16`` on a 128 px input whose 96-filter conv runs at 16 x 16 picks that conv).
+    Larger ``N`` keeps finer positions and costs more storage (``C * H * W`` values per frame)."""
+    wanted = map_side(feature)
+    if wanted is None:
+        return FeatureSpec(FC_FEATURE, config.feature_dim)
+    side, index, chosen = config.input_size, 0, None
+    for layer in config.layers():
+        side = _output_side(side, layer)
+        if isinstance(layer, ConvSpec):
+            if side >= wanted:
+                chosen = FeatureSpec(feature, layer.filters * side * side, index + 1, (layer.filters, side, side))
+            index += 2  # the conv and its leaky ReLU
+        else:
+            index += 1
+    if chosen is None:
+        raise ConfigError(f"feature {feature!r}: no convolution of {config.name} outputs a map of at least "
+                          f"{wanted} x {wanted} (its {config.input_size} px input); ask for a smaller side")
+    return chosen
 
 
 # --- configuration ---------------------------------------------------------------------------------------
@@ -324,6 +390,21 @@ class YoloNet(nn.Module):
         features = self.fc(self.backbone(x))
         return features, self.head(self.dropout(features))
 
+    def forward_map(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``forward``, but returns the activation after ``backbone[layer]`` ``(N, C, H, W)`` in place of
+        the fully-connected feature (see ``feature_spec``): ``(map, head)``, one pass through the network."""
+        size = self.config.input_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
+            raise InputError(f"{self.config.name} expects a (N, 3, {size}, {size}) batch, got {tuple(x.shape)}")
+        if not 0 <= layer < len(self.backbone):
+            raise ConfigError(f"backbone layer {layer} does not exist ({len(self.backbone)} layers)")
+        activation = x
+        for index, module in enumerate(self.backbone):
+            x = module(x)
+            if index == layer:
+                activation = x
+        return activation, self.head(self.dropout(self.fc(x)))
+
 
 def _build_backbone(config: DetectorConfig) -> tuple[nn.Sequential, int]:
     """The conv stack and its number of output channels."""
@@ -496,12 +577,15 @@ class Detector:
     the device and put in eval mode in place.
 
     ``detector_id`` is ``"<config name>-<12 hex>"``, the hex a SHA-256 of the config and of the weights as
-    they were when the detector was made; it names the features it produces, so that features from different
-    weights or configs never mix.
+    they were when the detector was made. ``feature`` (``"fc"`` or ``"map<N>"``, see ``feature_spec``) says
+    which activation ``run`` returns as ``features``; ``features_id`` names the features it produces (the
+    detector id, plus ``-map<N>`` for a map), so that features from different weights, configs or
+    activations never mix.
     """
 
-    def __init__(self, net: YoloNet, device: str | torch.device = "cpu") -> None:
+    def __init__(self, net: YoloNet, device: str | torch.device = "cpu", feature: str = FC_FEATURE) -> None:
         self.device = resolve_device(device)
+        self.feature = feature_spec(net.config, feature)
         # On a CPU, channels-last (NHWC) convolutions are oneDNN's fast path (about 1.6x here).
         self._memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.net = net.to(self.device, memory_format=self._memory_format).eval()
@@ -511,8 +595,13 @@ class Detector:
     def config(self) -> DetectorConfig:
         return self.net.config
 
+    @property
+    def features_id(self) -> str:
+        """The detector id, with ``-<feature>`` appended for a feature map."""
+        return self.detector_id if not self.feature.is_map else f"{self.detector_id}-{self.feature.name}"
+
     def __repr__(self) -> str:
-        return f"Detector({self.detector_id!r}, device={str(self.device)!r})"
+        return f"Detector({self.features_id!r}, device={str(self.device)!r})"
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``images``: ``(H, W, 3)`` uint8 BGR frames of any sizes -> ``(N, 3, S, S)`` float32 RGB in 0-1 on
@@ -527,10 +616,15 @@ class Detector:
 
     def infer(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Run the net on a preprocessed ``(N, 3, S, S)`` batch: ``(features (N, D), head (N, S*S*(C+B*5)))``,
-        float32 numpy, head undecoded (``decode`` it, possibly on another thread)."""
+        float32 numpy, head undecoded (``decode`` it, possibly on another thread). ``D`` is
+        ``feature.size``: a map comes flattened in (C, H, W) order."""
         with torch.inference_mode():
-            features, head = self.net(batch.to(self.device, memory_format=self._memory_format,
-                                               non_blocking=True))
+            x = batch.to(self.device, memory_format=self._memory_format, non_blocking=True)
+            if self.feature.is_map:
+                activation, head = self.net.forward_map(x, self.feature.layer)
+                features = activation.flatten(start_dim=1)  # (C, H, W) order whatever the memory format
+            else:
+                features, head = self.net(x)
             return features.float().cpu().numpy(), head.float().cpu().numpy()
 
     def warm_up(self, batch_size: int) -> None:
@@ -553,7 +647,7 @@ class Detector:
         outputs = [self.run(self.preprocess(images[i:i + batch_size]))
                    for i in range(0, len(images), batch_size)]
         if not outputs:
-            return DetectorOutput(np.zeros((0, self.config.feature_dim), dtype=np.float32), [])
+            return DetectorOutput(np.zeros((0, self.feature.size), dtype=np.float32), [])
         return DetectorOutput(np.concatenate([o.features for o in outputs]),
                               [d for o in outputs for d in o.detections])
 
@@ -588,13 +682,15 @@ def detector_id(config: DetectorConfig, state_dict: Mapping[str, torch.Tensor]) 
 # --- weights: building a detector ------------------------------------------------------------------------
 
 def build_detector(name_or_config: str | DetectorConfig | None, weights: str | None = None, *,
-                   random_init: bool = False, seed: int = 0, device: str | torch.device = "cpu") -> Detector:
+                   random_init: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+                   feature: str = FC_FEATURE) -> Detector:
     """A detector from a preset name or config and a weights file or URI.
 
     ``weights``: a local path, ``file://`` or ``s3://`` URI of a Darknet ``.weights`` file or a rolo-batch
     checkpoint (recognised by content). A checkpoint carries its own config: ``name_or_config`` may be None,
     and otherwise must agree with it. ``random_init=True`` (and no weights) gives seeded random weights.
-    ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"``.
+    ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"``. ``feature``: the activation it hands out
+    (``feature_spec``).
     Raises ``ConfigError`` for a bad request, ``InputError`` for a weights file that does not fit,
     ``StorageError`` when the file cannot be read.
     """
@@ -605,7 +701,7 @@ def build_detector(name_or_config: str | DetectorConfig | None, weights: str | N
                               "rolo-batch checkpoint), or ask for random initialisation explicitly "
                               "(random_init=True)")
         net = init_weights(_empty_net(_requested_config(name_or_config, needed_for="random weights")), seed)
-        return Detector(net, device)
+        return Detector(net, device, feature)
     if random_init:
         raise ConfigError(f"both a weights URI ({weights}) and random_init=True given: choose one")
     data = storage.read_bytes(weights)
@@ -617,7 +713,7 @@ def build_detector(name_or_config: str | DetectorConfig | None, weights: str | N
     else:
         net = _empty_net(_requested_config(name_or_config, needed_for=f"the Darknet weights {weights}"))
         load_darknet_weights(net, data, source=weights)
-    return Detector(net, device)
+    return Detector(net, device, feature)
 
 
 def _requested_config(name_or_config: str | DetectorConfig | None, *, needed_for: str) -> DetectorConfig:

@@ -22,6 +22,7 @@ from rolo_batch.detector import (
     build_detector,
     decode,
     detector_config,
+    feature_spec,
     save_darknet_weights,
     save_detector,
 )
@@ -166,6 +167,59 @@ def test_tiny_detector_shapes(overrides):
     assert all(d.dtype == np.float32 and d.ndim == 2 and d.shape[1] == 6 for d in out.detections)
     empty = detector([])
     assert empty.features.shape == (0, detector.config.feature_dim) and empty.detections == []
+
+
+def conv_output_shapes(net: YoloNet, image_size: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """(index in the backbone, output shape) of every leaky ReLU after a conv, recorded by forward hooks on a
+    real pass: an independent account of where each activation map is and how big."""
+    shapes = []
+    hooks = [module.register_forward_hook(lambda m, i, o, k=k: shapes.append((k, tuple(o.shape[1:]))))
+             for k, module in enumerate(net.backbone) if isinstance(module, nn.LeakyReLU)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("preset, side", [("yolo-tiny", 14), ("yolo-tiny", 28), ("yolo-tiny", 7), ("yolo-v1-small", 14)])
+def test_a_map_feature_is_the_deepest_conv_activation_at_least_that_side(preset, side):
+    config = detector_config(preset)
+    spec = feature_spec(config, f"map{side}")
+    net = YoloNet(config) if preset == "yolo-tiny" else None
+    if net is not None:
+        shapes = conv_output_shapes(net, config.input_size)
+        layer, shape = [(k, s) for k, s in shapes if s[1] >= side][-1]
+        assert (spec.layer, spec.shape) == (layer, shape)
+    assert spec.shape[1] == spec.shape[2] >= side and spec.size == int(np.prod(spec.shape))
+    assert feature_spec(config, "fc").shape is None and feature_spec(config, "fc").size == config.feature_dim
+
+
+def test_a_map_detector_returns_that_activation_and_the_same_detections(tiny):
+    mapped = Detector(tiny.net, feature="map14")
+    images = frames(3)
+    out, vector = mapped(images), tiny(images)
+    activations = {}
+    hook = tiny.net.backbone[mapped.feature.layer].register_forward_hook(
+        lambda m, i, o: activations.__setitem__("map", o.detach()))
+    with torch.no_grad():
+        tiny.net(tiny.preprocess(images))
+    hook.remove()
+    assert out.features.shape == (3, 256 * 14 * 14) and mapped.feature.shape == (256, 14, 14)
+    np.testing.assert_allclose(out.features, activations["map"].reshape(3, -1).numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(out.detections, vector.detections):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert mapped.features_id == f"{tiny.detector_id}-map14" and tiny.features_id == tiny.detector_id
+    assert mapped([]).features.shape == (0, 256 * 14 * 14)
+
+
+@pytest.mark.parametrize("feature, message", [
+    ("map0", "not understood"), ("map", "not understood"), ("conv5", "not understood"), ("FC", "not understood"),
+    ("map225", "at least 225 x 225.*224 px input"),
+])
+def test_feature_names_are_checked(tiny, feature, message):
+    with pytest.raises(ConfigError, match=message):
+        build_detector("yolo-tiny", random_init=True, feature=feature)
 
 
 def test_batch_size_does_not_change_results(tiny):
