@@ -155,6 +155,11 @@ def _add_detector_options(p: argparse.ArgumentParser) -> None:
                         "Darknet .weights file")
     g.add_argument("--random-init", action="store_true", help="use random weights (smoke tests only)")
     g.add_argument("--init-seed", type=int, default=0, help="seed of --random-init (default: 0)")
+    g.add_argument("--feature", default="fc", metavar="fc|map<N>",
+                   help="the visual feature stored per frame: fc, the fully-connected vector (the paper's; "
+                        "default), or map<N>, the deepest conv activation map at least N x N (e.g. map16), which "
+                        "ROLO pools inside each frame's detection box: it corrects the detector's boxes where "
+                        "the vector cannot, at C*H*W values per frame")
     g.add_argument("--frames-per-batch", type=_positive_int, default=16,
                    help="frames per detector call (default: 16)")
     g.add_argument("--prefetch", type=_positive_int, default=2,
@@ -171,7 +176,7 @@ def _extract_options(args: argparse.Namespace):
     from rolo_batch.extract import ExtractOptions
 
     return ExtractOptions(batch_size=args.frames_per_batch, prefetch_batches=args.prefetch,
-                          overwrite=getattr(args, "overwrite", False))
+                          overwrite=getattr(args, "overwrite", False), feature=args.feature)
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
@@ -179,10 +184,12 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "extract", help="run the YOLO detector over videos into the features table (Ray actors on GPUs)",
         description="Shard the videos under DATA_URI across Ray actors (one detector replica per GPU, or CPU "
                     "actors on a cluster without GPUs) and write one atomic unit per video to "
-                    "OUT_URI/features/<detector-id>/video=<name>/. Videos already done are skipped; a failed "
-                    "video is reported by name and the others still complete (exit code 1 if any failed).",
+                    "OUT_URI/features/<detector-id>/video=<name>/ (<detector-id>-map<N>/ for --feature map<N>). "
+                    "Videos already done are skipped; a failed video is reported by name and the others still "
+                    "complete (exit code 1 if any failed).",
         epilog="examples:\n"
                "  rolo-batch extract s3://archive/otb s3://work/run1 --weights s3://models/detector.pt\n"
+               "  rolo-batch extract data/ out/ --weights out/detectors/demo/detector.pt --feature map16\n"
                "  rolo-batch extract data/ out/ --detector yolo-v1-small --weights yolo-small.weights\n"
                "  rolo-batch extract data/ out/ --random-init   # smoke test: features mean nothing",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -54,15 +54,23 @@ class DetectorSpec:
 @dataclass(frozen=True)
 class ExtractOptions:
     """How to extract. ``batch_size`` frames go through the detector at once; ``prefetch_batches`` decoded
-    batches wait in memory ahead of it (more overlaps decoding better, at the cost of memory)."""
+    batches wait in memory ahead of it (more overlaps decoding better, at the cost of memory). ``feature``:
+    which activation is stored as the visual feature, ``"fc"`` (the paper's fully-connected vector) or
+    ``"map<N>"`` (a conv activation map at least N x N, which ROLO pools inside each frame's detection box;
+    ``C * H * W`` float16 values per frame, e.g. 48 KB for ``map16`` of the fast CPU detector); see
+    ``rolo_batch.detector.feature_spec``. Maps go to their own table, ``features/<detector-id>-map<N>/``."""
 
     batch_size: int = 16
     prefetch_batches: int = 2
     overwrite: bool = False
+    feature: str = "fc"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.prefetch_batches < 1:
             raise ConfigError("batch_size and prefetch_batches must be >= 1")
+        from rolo_batch.detector import map_side
+
+        map_side(self.feature)  # the side itself is checked against the network when the detector is built
 
 
 @dataclass
@@ -150,10 +158,10 @@ def extract_video(detector, ref: VideoRef, table_root: str, options: ExtractOpti
     unit = tables.unit_uri(table_root, ref.name)
     storage.remove_temporaries(unit)  # left by a worker that died on this video before
     contract = contracts.load("features")
-    metadata = {"rolo_batch.detector_id": detector.detector_id,
-                "rolo_batch.feature_dim": str(detector.config.feature_dim)}
+    feature = detector.feature
+    metadata = tables.features_metadata(detector.detector_id, feature.size, feature.shape)
     with tables.ParquetUnitWriter(storage.join(unit, tables.PART_FILE), contract, metadata,
-                                  feature_dim=detector.config.feature_dim) as writer:
+                                  feature_dim=feature.size) as writer:
         for frames, prepared in prefetched_batches(video, options.batch_size, detector.preprocess,
                                                    options.prefetch_batches):
             output = detector.run(prepared)
@@ -171,8 +179,9 @@ def extract_video(detector, ref: VideoRef, table_root: str, options: ExtractOpti
         raise InputError(f"wrote {writer.rows} rows for {len(video)} frames", video=ref.name)
     seconds = time.perf_counter() - started
     storage.mark_done(unit, tables.features_marker(
-        ref.name, video.frame_numbers, detector.detector_id, detector.config.feature_dim, (width, height),
-        source=dataclasses.asdict(ref), seconds=round(seconds, 3), groundtruth_notes=alignment.notes))
+        ref.name, video.frame_numbers, detector.detector_id, feature.size, (width, height),
+        feature_shape=feature.shape, source=dataclasses.asdict(ref), seconds=round(seconds, 3),
+        groundtruth_notes=alignment.notes))
     return VideoResult(ref.name, "done", writer.rows, seconds)
 
 
@@ -191,25 +200,35 @@ class ExtractWorker:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch_device_for_actor()
-        name = spec.name or (None if spec.weights else "yolo-tiny")
-        self.detector = build_detector(name, spec.weights, random_init=spec.random_init, seed=spec.seed,
-                                       device=self.device)
-        self.detector.warm_up(options.batch_size)
-        self.table_root = tables.features_root(out_uri, self.detector.detector_id)
         self.options = options
         self.progress = progress
         self.frames_processed = 0
+        self.setup_error: RoloBatchError | None = None
+        name = spec.name or (None if spec.weights else "yolo-tiny")
+        try:
+            self.detector = build_detector(name, spec.weights, random_init=spec.random_init, seed=spec.seed,
+                                           device=self.device, feature=options.feature)
+        except RoloBatchError as exc:  # raised again by info(), whose caller gets the error itself
+            self.setup_error = exc
+            return
+        self.detector.warm_up(options.batch_size)
+        self.table_root = tables.features_root(out_uri, self.detector.features_id)
 
     def info(self) -> dict:
-        """Where this replica runs and what it computes."""
+        """Where this replica runs and what it computes; raises the error that kept it from building its
+        detector (bad weights, a feature map the network does not have)."""
         import os
         import resource
 
         import ray
 
+        if self.setup_error is not None:
+            raise self.setup_error
+
         return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()[:12], "detector_id": self.detector.detector_id,
-                "detector_config": dataclasses.asdict(self.detector.config), "table_root": self.table_root,
+                "detector_config": dataclasses.asdict(self.detector.config),
+                "feature": dataclasses.asdict(self.detector.feature), "table_root": self.table_root,
                 "frames_processed": self.frames_processed,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -325,11 +344,17 @@ def run_extraction(data_uri: str, out_uri: str, spec: DetectorSpec, options: Ext
                                                     max(1, int(plan.num_cpus)))
 
     pool = [spawn() for _ in range(plan.actors)]
-    infos = ray.get([a.info.remote() for a in pool])
+    try:
+        infos = ray.get([a.info.remote() for a in pool])
+    except ray.exceptions.RayTaskError as exc:
+        for actor in pool:
+            ray.kill(actor)
+        ray.kill(counter)
+        raise (exc.cause if isinstance(exc.cause, RoloBatchError) else exc) from None
     detector_id, table_root = infos[0]["detector_id"], infos[0]["table_root"]
     storage.write_text(storage.join(table_root, tables.DETECTOR_MANIFEST),
                        _json({"detector_id": detector_id, "config": infos[0]["detector_config"],
-                              "spec": dataclasses.asdict(spec)}))
+                              "feature": infos[0]["feature"], "spec": dataclasses.asdict(spec)}))
 
     done_units = set() if options.overwrite else set(tables.done_units(table_root))
     todo = []

@@ -127,11 +127,24 @@ def features_root(out_uri: str, detector_id: str) -> str:
     return storage.join(out_uri, FEATURES_DIR, detector_id)
 
 
+def features_metadata(detector_id: str, feature_dim: int,
+                      feature_shape: tuple[int, int, int] | None = None) -> dict[str, str]:
+    """The file metadata of a features unit (see the contract): the detector id, D, and for a feature map its
+    ``C,H,W``."""
+    metadata = {"rolo_batch.detector_id": detector_id, "rolo_batch.feature_dim": str(int(feature_dim))}
+    if feature_shape is not None:
+        metadata["rolo_batch.feature_shape"] = ",".join(str(int(v)) for v in feature_shape)
+    return metadata
+
+
 def features_marker(video: str, frame_numbers: np.ndarray, detector_id: str, feature_dim: int,
-                    image_wh: tuple[int, int], **extra: Any) -> dict:
-    """The done marker of one video's features unit: what readers learn without opening the Parquet file."""
+                    image_wh: tuple[int, int], feature_shape: tuple[int, int, int] | None = None,
+                    **extra: Any) -> dict:
+    """The done marker of one video's features unit: what readers learn without opening the Parquet file.
+    ``feature_shape``: ``(C, H, W)`` when the feature is a flattened activation map, else None."""
     return {"video": video, "rows": int(len(frame_numbers)), "first_frame": int(frame_numbers[0]),
             "last_frame": int(frame_numbers[-1]), "detector_id": detector_id, "feature_dim": int(feature_dim),
+            "feature_shape": None if feature_shape is None else [int(v) for v in feature_shape],
             "image_width": int(image_wh[0]), "image_height": int(image_wh[1]), **extra}
 
 
@@ -151,12 +164,14 @@ class FeaturesUnit:
 
 @dataclass(frozen=True)
 class FeaturesTable:
-    """A features table on storage: ``features/<detector-id>/video=<name>/`` units that are done."""
+    """A features table on storage: ``features/<detector-id>/video=<name>/`` units that are done.
+    ``feature_shape``: ``(C, H, W)`` when each feature is a flattened activation map, else None."""
 
     root: str
     detector_id: str
     feature_dim: int
     units: dict[str, FeaturesUnit]
+    feature_shape: tuple[int, int, int] | None = None
 
     @classmethod
     def open(cls, uri: str, videos: list[str] | None = None) -> "FeaturesTable":
@@ -178,7 +193,9 @@ class FeaturesTable:
             info = storage.read_done(unit_uri(root, name)) or {}
             units[name] = FeaturesUnit(name, done[name], info)
         first = units[names[0]].info
-        return cls(root, str(first.get("detector_id", storage.basename(root))), int(first["feature_dim"]), units)
+        shape = first.get("feature_shape")
+        return cls(root, str(first.get("detector_id", storage.basename(root))), int(first["feature_dim"]), units,
+                   tuple(int(v) for v in shape) if shape else None)
 
 
 def _table_root(uri: str) -> str:

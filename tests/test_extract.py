@@ -64,6 +64,27 @@ def test_extract_video_writes_one_validated_row_per_frame(tmp_path, collection, 
     assert marker["source"]["uri"] == ref.uri
 
 
+def test_a_feature_map_is_stored_flat_with_its_shape(tmp_path, collection, tiny_weights):
+    detector = build_detector(None, tiny_weights, feature="map14")
+    ref = datasets.discover(collection).videos[0]
+    root = tables.features_root(str(tmp_path), detector.features_id)
+    extract_video(detector, ref, root, ExtractOptions(batch_size=5, feature="map14"))
+    unit = tables.unit_uri(root, ref.name)
+    table = read_unit(root, ref.name)
+    frames = tables.FeatureFrames.from_arrow(table)
+    assert frames.feature_dim == 256 * 14 * 14
+    assert tables.read_schema(storage.join(unit, tables.PART_FILE)).metadata[b"rolo_batch.feature_shape"] == \
+        b"256,14,14"
+    assert storage.read_done(unit)["feature_shape"] == [256, 14, 14]
+    assert tables.FeaturesTable.open(root).feature_shape == (256, 14, 14)
+    video = datasets.open_video(ref)
+    expected = detector([video.read_frame(i) for i in range(12)])
+    np.testing.assert_allclose(frames.feature, expected.features, rtol=1e-2, atol=1e-2)  # stored as float16
+    vector = build_detector(None, tiny_weights)([video.read_frame(i) for i in range(12)])
+    for stored, plain in zip(frames.detections, vector.detections):
+        np.testing.assert_allclose(stored, plain, rtol=1e-5, atol=1e-6)  # same detections as with --feature fc
+
+
 def test_a_bad_frame_publishes_nothing_for_that_video(tmp_path, tiny_weights):
     synthesize(str(tmp_path / "v"), SynthConfig(videos=1, frames=8, seed=2, **SMALL))
     (tmp_path / "v" / "synth-000" / "img" / "0006.jpg").write_bytes(b"")
@@ -194,6 +215,25 @@ def test_s3_in_and_out(ray_local, bucket, tiny_weights, s3_client):
     prefix = f"out/features/{summary.detector_id}"
     assert f"{prefix}/video=synth-001/part-0.parquet" in keys and f"{prefix}/video=synth-001/_done.json" in keys
     assert read_unit(summary.table_root, "synth-000").num_rows == 5
+
+
+def test_cli_extract_writes_feature_maps_to_their_own_table_and_names_a_bad_one(ray_local, tmp_path, collection,
+                                                                               capsys):
+    out = str(tmp_path / "o")
+    one = ["extract", collection, out, "--random-init", "--videos", "synth-000"]
+    assert cli.main(one + ["--feature", "map14"]) == 0
+    assert cli.main(one) == 0
+    roots = sorted(e.name for e in storage.list_dir(storage.join(out, "features")) if e.is_dir)
+    assert len(roots) == 2 and roots[1] == roots[0] + "-map14"
+    maps = tables.FeaturesTable.open(storage.join(out, "features", roots[1]))
+    vectors = tables.FeaturesTable.open(storage.join(out, "features", roots[0]))
+    assert (maps.feature_shape, maps.feature_dim) == ((256, 14, 14), 256 * 14 * 14)
+    assert (vectors.feature_shape, vectors.feature_dim) == (None, 256)
+    capsys.readouterr()
+    assert cli.main(one + ["--feature", "map500"]) == 2  # checked against the network, in the actor
+    assert "no convolution of yolo-tiny outputs a map of at least 500 x 500" in capsys.readouterr().err
+    assert cli.main(one + ["--feature", "conv5"]) == 2  # checked before any cluster work
+    assert "'conv5' is not understood" in capsys.readouterr().err
 
 
 def test_cli_extract_prints_a_summary_and_refuses_missing_weights(ray_local, tmp_path, collection, capsys):
