@@ -248,6 +248,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "YOLO-only) or a box regressed from the hidden state alone")
     g.add_argument("--feature-dropout", type=float, default=0.0,
                    help="dropout on the visual feature in training (default: 0)")
+    g.add_argument("--roi-bins", type=_positive_int, default=4,
+                   help="features extracted as maps: samples per side of the box the map is pooled in "
+                        "(default: 4)")
+    g.add_argument("--roi-context", type=float, default=1.6,
+                   help="features extracted as maps: the pooled box is the detection grown this many times "
+                        "(default: 1.6)")
     g.add_argument("--detection-jitter", type=float, default=0.0,
                    help="augmentation: jitter training detections by this fraction of the box size (default: 0)")
     g.add_argument("--detection-drop", type=float, default=0.0,
@@ -273,7 +279,8 @@ def _train_config(args: argparse.Namespace, features_uri: str, out_uri: str):
 
     model = RoloConfig(form=args.model, feature_dim=1, steps=args.steps, hidden_size=args.hidden,
                        num_layers=args.layers, projection_size=args.projection, loss=args.loss,
-                       box_head=args.box_head, feature_dropout=args.feature_dropout)
+                       box_head=args.box_head, feature_dropout=args.feature_dropout, roi_bins=args.roi_bins,
+                       roi_context=args.roi_context)
     return TrainConfig(features_uri=features_uri, out_uri=out_uri, run=args.run, split=args.split,
                        train_list=args.train_list, test_list=args.test_list, model=model,
                        window=WindowConfig(steps=args.steps, stride=args.stride, detection=args.detection_input),

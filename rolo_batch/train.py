@@ -297,7 +297,8 @@ def _resolve_split(config: TrainConfig) -> splits.Split:
 def run_training(config: TrainConfig) -> TrainResult:
     """Train ROLO on the connected Ray cluster (see the module docstring); resumes an interrupted run."""
     table = tables.FeaturesTable.open(config.features_uri, list(config.videos) if config.videos else None)
-    model_config = dataclasses.replace(config.model, feature_dim=table.feature_dim, detector_id=table.detector_id)
+    model_config = dataclasses.replace(config.model, feature_dim=table.feature_dim, detector_id=table.detector_id,
+                                       feature_shape=table.feature_shape)
     split = _resolve_split(config)
     manifest = splits.split_manifest(split, {name: unit.frame_numbers for name, unit in table.units.items()})
     splits.write_manifest(storage.join(config.run_uri, SPLIT_FILE), manifest)

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from rolo_batch import cli, storage
+from rolo_batch import boxes, cli, contracts, storage, tables
 from rolo_batch.rolo import RoloConfig, build_model, load_model
 from rolo_batch.train import TrainConfig, run_training, train_step
 from rolo_batch.windows import WindowConfig
-from tests.helpers import write_synthetic_features
+from rolo_batch.splits import get_split
+from tests.helpers import IMAGE_WH, write_synthetic_features
 from tests.processes import own_pids_titled
 
 
@@ -125,6 +126,27 @@ def test_other_model_forms_learn_too(ray_local, tmp_path, features, form, epochs
     assert_learned(result)
     model, info = load_model(result.model_uri)
     assert info.config.form == form
+
+
+def test_feature_maps_train_a_model_that_corrects_the_detections(ray_local, tmp_path):
+    root = str(tmp_path / "features" / "synthetic-maps")
+    write_synthetic_features(root, videos=6, frames=90, map_shape=(2, 16, 16))
+    table = tables.FeaturesTable.open(root)
+    model = RoloConfig(form="compact", feature_dim=1, steps=3, hidden_size=32, projection_size=32)
+    result = run_training(config(root, str(tmp_path), model=model, epochs=20, detection_jitter=0.15,
+                                 learning_rate=3e-3, checkpoint_every=100))
+    _, info = load_model(result.model_uri)
+    assert info.config.feature_shape == (2, 16, 16) and info.feature_dim == 2 * 16 * 16
+    # held-out windows: frames after the first third, scored against the detection they start from
+    split = get_split("exp2", first_part="third")
+    detection_ious = []
+    for unit in table.units.values():
+        frames = tables.FeatureFrames.from_arrow(tables.read_parquet(unit.part_uri, contracts.load("features")))
+        test = split.test_mask(frames.video, frames.frame)[2:]  # windows of 3 end at the third frame or later
+        detected = boxes.cxcywh_norm_to_xywh_px(frames.detection[2:, 1:5], IMAGE_WH)
+        detection_ious.append(boxes.iou_xywh(detected, frames.gt_boxes_xywh_px[2:])[test])
+    detection_iou = float(np.concatenate(detection_ious).mean())
+    assert result.final["val_iou"] > detection_iou + 0.05, (result.final, detection_iou)
 
 
 def test_two_workers_on_s3(ray_local, bucket):
