@@ -87,6 +87,8 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
     train = config.train_config(extracted.table_root)
     model_uri = storage.join(train.run_uri, MODEL_FILE)
     trained = not storage.is_file(model_uri)
+    if not trained:
+        _check_model_features(model_uri, train.run_uri, extracted.table_root)
     if trained:
         result = run_training(train)
         model_uri = result.model_uri
@@ -112,6 +114,18 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
     overlays = _render(config, tracked.run_uri, log)
     done()
     return PipelineResult(extracted, model_uri, trained, tracked, scored, overlays, seconds)
+
+
+def _check_model_features(model_uri: str, run_uri: str, features_root: str) -> None:
+    """A model is reused only for the features it was trained on: the table's folder name (detector id and
+    feature kind) must match, wherever the output root was given from."""
+    from rolo_batch.rolo import load_model
+
+    _, info = load_model(model_uri)
+    trained_on = info.metadata.get("features")
+    if trained_on and storage.basename(str(trained_on)) != storage.basename(features_root):
+        raise ConfigError(f"{model_uri} was trained on the features {trained_on}, not on {features_root}: "
+                          f"delete {run_uri} (and the tracks of the run) to retrain, or choose another --run")
 
 
 def _render(config: PipelineConfig, tracks_uri: str, log: Log) -> list[str]:

@@ -275,6 +275,22 @@ def _sources(config: TrackConfig, table: tables.FeaturesTable) -> dict[str, dict
     return {name: found.get(name) for name in table.units}
 
 
+def _check_same_inputs(run_uri: str, run_info: dict) -> None:
+    """A run that already holds finished videos continues only with the model and features they came from,
+    so that one run never mixes tracks of two models."""
+    info_uri = storage.join(run_uri, RUN_INFO)
+    previous = json.loads(storage.read_text(info_uri)) if storage.is_file(info_uri) else {}
+    changed = [key for key in ("model", "features") if key in previous and previous[key] != run_info[key]]
+    if changed:
+        what = "; ".join(f"{key} was {previous[key]}, now {run_info[key]}" for key in changed)
+        raise ConfigError(f"tracking run {run_uri} already holds videos tracked with other inputs ({what}): "
+                          f"pass --overwrite to redo them, or choose another --run")
+
+
+def _feature_kind(shape: tuple[int, ...] | None) -> str:
+    return "a feature vector" if shape is None else f"feature maps of shape {list(shape)}"
+
+
 def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> TrackSummary:
     """Track every video of the features table on the connected Ray cluster (see the module docstring)."""
     import ray
@@ -288,12 +304,17 @@ def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> Tra
     if info.detector_id and info.detector_id != table.detector_id:
         raise ConfigError(f"the model was trained on features of detector {info.detector_id}, but "
                           f"{table.root} holds {table.detector_id}")
+    if info.config.feature_shape != table.feature_shape:
+        raise ConfigError(f"the model reads {_feature_kind(info.config.feature_shape)}, but {table.root} holds "
+                          f"{_feature_kind(table.feature_shape)}; track with the features it was trained on")
     run_info = {"model": config.model_uri, "features": table.root, "detector_id": table.detector_id,
                 "steps": info.steps, "split": info.split, "detection": config.detection,
                 "split_manifest": info.metadata.get("split_manifest"), "methods": list(config.methods)}
+    done = set() if config.overwrite else set(tables.done_units(config.run_uri))
+    if done:
+        _check_same_inputs(config.run_uri, run_info)
     storage.write_text(storage.join(config.run_uri, RUN_INFO), json.dumps(run_info, indent=2, sort_keys=True))
     sources = _sources(config, table)
-    done = set() if config.overwrite else set(tables.done_units(config.run_uri))
     rows = [{"video": v, "status": "skipped", "frames": 0, "seconds": 0.0, "error": ""}
             for v in sorted(table.units) if v in done]
     todo = [{"video": name, "part_uri": unit.part_uri, "source": json.dumps(sources[name]) if sources[name] else ""}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch
 from rolo_batch import cli, contracts, storage, tables, trackers
 from rolo_batch.datasets.synthetic import SynthConfig, synthesize
 from rolo_batch.detector import build_detector, save_detector
-from rolo_batch.extract import DetectorSpec, run_extraction
+from rolo_batch.errors import ConfigError
+from rolo_batch.extract import DetectorSpec, ExtractOptions, run_extraction
 from rolo_batch.rolo import RoloConfig, build_model, export_model
 from rolo_batch.track import METHODS, TrackConfig, load_heatmaps, run_tracking, track_rolo
 from tests.helpers import synthetic_feature_frames
@@ -200,6 +203,46 @@ def test_a_model_for_other_features_is_refused(extracted, tmp_path):
     export_model(small_model(dim=16), str(tmp_path / "other.pt"), split="exp2")
     with pytest.raises(Exception, match="feature_dim"):
         run_tracking(TrackConfig(features, str(tmp_path / "other.pt"), str(tmp_path), gpu="off"))
+
+
+def test_rolo_reads_feature_maps_and_a_vector_model_is_refused_on_them(extracted, tmp_path):
+    root, _ = extracted
+    weights = str(root / "tiny.pt")
+    summary = run_extraction(str(root / "data"), str(tmp_path / "out"), DetectorSpec(weights=weights),
+                             ExtractOptions(feature="map7"))
+    table = tables.FeaturesTable.open(summary.table_root)
+    assert table.feature_shape == (64, 7, 7)
+    untrained = build_model(RoloConfig(feature_dim=table.feature_dim, feature_shape=table.feature_shape, steps=3,
+                                       hidden_size=8, projection_size=8, detector_id=table.detector_id))
+    export_model(untrained, str(tmp_path / "maps.pt"), split="exp2")
+    tracked = run_tracking(TrackConfig(summary.table_root, str(tmp_path / "maps.pt"), str(tmp_path / "out"),
+                                       methods=("rolo", "yolo"), gpu="off"))
+    assert {r["status"] for r in tracked.rows} == {"done"}
+    part = storage.join(tables.unit_uri(tracked.run_uri, "synth-001"), tables.PART_FILE)
+    by_method = {r.method: r for r in tables.TrackRows.from_arrow(tables.read_parquet(part, contracts.load("tracks")))}
+    # an untrained residual model places each frame's detection box: YOLO-only, now read through the maps
+    np.testing.assert_allclose(by_method["rolo"].boxes_xywh_px, by_method["yolo"].boxes_xywh_px, atol=1e-3)
+    vector = build_model(RoloConfig(feature_dim=table.feature_dim, steps=3, hidden_size=8, projection_size=8,
+                                    detector_id=table.detector_id))
+    export_model(vector, str(tmp_path / "vector.pt"), split="exp2")
+    with pytest.raises(ConfigError, match=r"reads a feature vector, but .* holds feature maps of shape \[64, 7, 7\]"):
+        run_tracking(TrackConfig(summary.table_root, str(tmp_path / "vector.pt"), str(tmp_path / "out2"), gpu="off"))
+
+
+def test_a_tracking_run_continues_only_with_the_model_it_began_with(extracted, tmp_path):
+    root, features = extracted
+    table = tables.FeaturesTable.open(features)
+    first = TrackConfig(features, str(root / "model.pt"), str(tmp_path), run="r", methods=("rolo",), gpu="off")
+    run_tracking(first)
+    torch.manual_seed(5)
+    export_model(build_model(RoloConfig(feature_dim=table.feature_dim, steps=3, hidden_size=8, projection_size=8,
+                                        detector_id=table.detector_id)), str(tmp_path / "other.pt"), split="exp2")
+    other = TrackConfig(features, str(tmp_path / "other.pt"), str(tmp_path), run="r", methods=("rolo",), gpu="off")
+    with pytest.raises(ConfigError, match="already holds videos tracked with other inputs.*--overwrite"):
+        run_tracking(other)
+    assert {r["status"] for r in run_tracking(first).rows} == {"skipped"}  # the same inputs continue
+    redone = run_tracking(dataclasses.replace(other, overwrite=True))
+    assert {r["status"] for r in redone.rows} == {"done"}
 
 
 def test_tracking_on_s3_with_the_heatmap_model(extracted, bucket):

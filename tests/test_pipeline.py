@@ -1,0 +1,28 @@
+"""The pipeline's reuse of finished stages: a model is reused only for the features it was trained on."""
+
+from __future__ import annotations
+
+import pytest
+
+from rolo_batch import storage
+from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+from rolo_batch.detector import build_detector, save_detector
+from rolo_batch.errors import ConfigError
+from rolo_batch.extract import DetectorSpec, ExtractOptions
+from rolo_batch.pipeline import PipelineConfig, run_pipeline
+from rolo_batch.rolo import RoloConfig, build_model, export_model
+
+
+def test_a_model_trained_on_other_features_is_not_reused(ray_local, tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    synthesize(data, SynthConfig(videos=2, frames=8, width=96, height=72, seed=3))
+    weights = str(tmp_path / "tiny.pt")
+    save_detector(build_detector("yolo-tiny", random_init=True, seed=2), weights)
+    stale = storage.join(out, "models", "rolo", "model.pt")  # as a run on the fully-connected features left it
+    export_model(build_model(RoloConfig(feature_dim=256, steps=3)), stale, split="exp2",
+                 metadata={"features": storage.join(out, "features", "yolo-tiny-0123456789ab")})
+    config = PipelineConfig(data_uri=data, out_uri=out, detector=DetectorSpec(weights=weights),
+                            extract=ExtractOptions(feature="map7"))
+    with pytest.raises(ConfigError, match=r"was trained on the features .*yolo-tiny-0123456789ab.*-map7: delete"):
+        run_pipeline(config, log=lambda line: None)
+    assert storage.is_file(stale)  # nothing of the earlier run is thrown away
