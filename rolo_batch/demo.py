@@ -35,6 +35,7 @@ class DemoConfig:
     detector_epochs: int = 60
     rolo_epochs: int = 30
     steps: int = 6
+    feature: str = "map16"
     render: str = "synth-000"
 
     @property
@@ -58,7 +59,7 @@ class DemoConfig:
                             checkpoint_every=10, max_failures=2, seed=self.seed)
         track = TrackConfig(features_uri="", model_uri="", out_uri=self.out_uri, run="demo")
         return PipelineConfig(data_uri=self.data_uri, out_uri=self.out_uri, detector=DetectorSpec(weights=detector_uri),
-                              extract=ExtractOptions(batch_size=16), train=train, track=track,
+                              extract=ExtractOptions(batch_size=16, feature=self.feature), train=train, track=track,
                               render=(self.render,))
 
 
