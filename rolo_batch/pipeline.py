@@ -3,7 +3,8 @@
 Each stage is the same library call its own command makes; this module only sequences them and decides what
 can be reused on a re-run: extraction and tracking skip videos already done (their own resume), training is
 skipped when the run's ``model.pt`` exists (delete it, or use another run name, to retrain), scoring is
-cheap and always redone, an overlay video is rendered once.
+cheap and always redone, an overlay video (``OUT/overlays/<run>/<video>.mp4``) is rendered again only when
+its video was tracked again.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
     done()
 
     done = stage("render")
-    overlays = _render(config, tracked.run_uri, log)
+    retracked = {row["video"] for row in tracked.rows if row["status"] == "done"}
+    overlays = _render(config, tracked.run_uri, train.run, retracked, log)
     done()
     return PipelineResult(extracted, model_uri, trained, tracked, scored, overlays, seconds)
 
@@ -128,7 +130,7 @@ def _check_model_features(model_uri: str, run_uri: str, features_root: str) -> N
                           f"delete {run_uri} (and the tracks of the run) to retrain, or choose another --run")
 
 
-def _render(config: PipelineConfig, tracks_uri: str, log: Log) -> list[str]:
+def _render(config: PipelineConfig, tracks_uri: str, run: str, retracked: set[str], log: Log) -> list[str]:
     from rolo_batch import contracts
     from rolo_batch.render import render_overlay
     from rolo_batch.track import load_heatmaps
@@ -140,8 +142,8 @@ def _render(config: PipelineConfig, tracks_uri: str, log: Log) -> list[str]:
         if name not in finished:
             log(f"render: {name} was not tracked; skipped")
             continue
-        out = storage.join(config.out_uri, "overlays", f"{name}.mp4")
-        if not storage.is_file(out):
+        out = storage.join(config.out_uri, "overlays", run, f"{name}.mp4")
+        if name in retracked or not storage.is_file(out):
             video = datasets.open_video(datasets.discover(config.data_uri, names=[name]).videos[0])
             rows = tables.TrackRows.from_arrow(tables.read_parquet(finished[name], contracts.load("tracks")))
             heatmaps = load_heatmaps(tables.unit_uri(tracks_uri, name))

@@ -1,4 +1,5 @@
-"""The pipeline's reuse of finished stages: a model is reused only for the features it was trained on."""
+"""The pipeline's reuse of finished stages: a model is reused only for the features it was trained on, and
+each run keeps its own overlay videos."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from rolo_batch.errors import ConfigError
 from rolo_batch.extract import DetectorSpec, ExtractOptions
 from rolo_batch.pipeline import PipelineConfig, run_pipeline
 from rolo_batch.rolo import RoloConfig, build_model, export_model
+from rolo_batch.track import TrackConfig
+from rolo_batch.train import TrainConfig
+from rolo_batch.windows import WindowConfig
 
 
 def test_a_model_trained_on_other_features_is_not_reused(ray_local, tmp_path):
@@ -26,3 +30,29 @@ def test_a_model_trained_on_other_features_is_not_reused(ray_local, tmp_path):
     with pytest.raises(ConfigError, match=r"was trained on the features .*yolo-tiny-0123456789ab.*-map7: delete"):
         run_pipeline(config, log=lambda line: None)
     assert storage.is_file(stale)  # nothing of the earlier run is thrown away
+
+
+def test_each_run_renders_its_own_overlay_and_keeps_the_others(ray_local, tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    synthesize(data, SynthConfig(videos=2, frames=8, width=96, height=72, seed=4))
+    weights = str(tmp_path / "tiny.pt")
+    save_detector(build_detector("yolo-tiny", random_init=True, seed=2), weights)
+    model = RoloConfig(feature_dim=1, steps=3, hidden_size=8, projection_size=8)
+
+    def run(name: str, seed: int):
+        train = TrainConfig(features_uri="", out_uri="", run=name, model=model, window=WindowConfig(steps=3),
+                            epochs=1, batch_size=4, gpu="off", seed=seed)
+        track = TrackConfig(features_uri="", model_uri="", out_uri="", methods=("rolo", "yolo"), gpu="off")
+        config = PipelineConfig(data_uri=data, out_uri=out, detector=DetectorSpec(weights=weights), train=train,
+                                track=track, render=("synth-001",))
+        return run_pipeline(config, log=lambda line: None)
+
+    first = run("a", seed=1)
+    assert first.overlays == [storage.join(out, "overlays", "a", "synth-001.mp4")]
+    written = storage.read_bytes(first.overlays[0])
+    second = run("b", seed=2)
+    assert second.overlays == [storage.join(out, "overlays", "b", "synth-001.mp4")]
+    assert storage.read_bytes(first.overlays[0]) == written  # the other run's overlay is left as it was
+    again = run("a", seed=1)
+    assert not again.trained and {r["status"] for r in again.track.rows} == {"skipped"}
+    assert again.overlays == first.overlays and storage.read_bytes(first.overlays[0]) == written
