@@ -632,7 +632,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the whole pipeline on generated videos, on a local Ray (what 'make demo' runs)",
         description="Synthesise tracking videos, train the detector on the first third of each, extract "
-                    "features, train ROLO (exp2), track with ROLO, YOLO only, YOLO + Kalman, CSRT, KCF and MIL, "
+                    "features (16 x 16 conv maps, which ROLO pools inside each frame's detection box), train ROLO "
+                    "(exp2), track with ROLO, YOLO only, YOLO + Kalman, CSRT, KCF and MIL, "
                     "score the held-out frames, and write report.md, success.png, precision.png and an overlay "
                     "video. Nothing is downloaded. A re-run reuses every finished stage.")
     p.add_argument("out", metavar="OUT_URI", nargs="?", default="demo-output",

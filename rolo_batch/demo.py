@@ -1,7 +1,8 @@
 """The demo: the whole pipeline on data it generates, on an embedded local Ray, nothing downloaded.
 
-synthesise videos -> train the detector (first third of every video) -> extract features -> train ROLO (exp2)
--> track (ROLO, YOLO only, YOLO + Kalman, CSRT, KCF, MIL) -> score -> report, plots, an overlay video.
+synthesise videos -> train the detector (first third of every video) -> extract features (16 x 16 conv maps,
+which ROLO pools inside each frame's detection box) -> train ROLO (exp2) -> track (ROLO, YOLO only,
+YOLO + Kalman, CSRT, KCF, MIL) -> score -> report, plots, an overlay video.
 Every stage reuses what an earlier run finished, so a re-run is quick.
 """
 
@@ -26,7 +27,8 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's data and training budget (sized for a 2-core CPU: about 10 minutes in all)."""
+    """The demo's data and training budget (sized for a 2-core CPU: about 6 minutes in all). ``feature``: what
+    extraction stores per frame (see ``rolo_batch.detector.feature_spec``)."""
 
     out_uri: str = "demo-output"
     videos: int = 8

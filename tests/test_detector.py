@@ -182,7 +182,8 @@ def conv_output_shapes(net: YoloNet, image_size: int) -> list[tuple[int, tuple[i
     return shapes
 
 
-@pytest.mark.parametrize("preset, side", [("yolo-tiny", 14), ("yolo-tiny", 28), ("yolo-tiny", 7), ("yolo-v1-small", 14)])
+@pytest.mark.parametrize("preset, side",
+                         [("yolo-tiny", 14), ("yolo-tiny", 28), ("yolo-tiny", 7), ("yolo-v1-small", 14)])
 def test_a_map_feature_is_the_deepest_conv_activation_at_least_that_side(preset, side):
     config = detector_config(preset)
     spec = feature_spec(config, f"map{side}")
