@@ -104,7 +104,7 @@ class RoloConfig:
             raise ConfigError(f"form must be 'faithful', 'compact' or 'heatmap', got {self.form!r}")
         if self.loss not in ("mse", "smooth_l1"):
             raise ConfigError(f"loss must be 'mse' or 'smooth_l1', got {self.loss!r}")
-        for name in ("feature_dim", "steps", "hidden_size", "num_layers", "projection_size"):
+        for name in ("feature_dim", "steps", "hidden_size", "num_layers", "projection_size", "roi_bins"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -133,8 +133,6 @@ class RoloConfig:
             if self.form == "faithful":
                 raise ConfigError("the faithful form reads a feature vector (its LSTM is as wide as its input); "
                                   "use the compact or heatmap form for feature maps, or extract --feature fc")
-        if not isinstance(self.roi_bins, int) or isinstance(self.roi_bins, bool) or self.roi_bins < 1:
-            raise ConfigError(f"roi_bins must be a positive integer, got {self.roi_bins!r}")
         if not self.roi_context >= 1:
             raise ConfigError(f"roi_context must be >= 1 (the box itself or more), got {self.roi_context!r}")
 
