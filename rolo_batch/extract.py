@@ -2,7 +2,7 @@
 
 The plain function ``extract_video`` runs one detector over one video (decoding in a background thread so
 that decoding overlaps inference, memory bounded by ``batch_size * prefetch_batches`` frames) and streams
-its rows into ``features/<detector-id>/video=<name>/part-0.parquet``, then marks the unit done.
+its rows into ``features/<detector-id>/<video>/part-0.parquet``, then marks the unit done.
 
 ``run_extraction`` is the thin Ray layer: it shards videos across actors that each hold one detector
 replica pinned to one GPU (``num_gpus`` per actor; CPU actors on a cluster without GPUs), hands each actor

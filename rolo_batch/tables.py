@@ -91,25 +91,44 @@ def read_schema(uri: str) -> pa.Schema:
         raise InputError(f"not a readable Parquet file: {exc}", path=uri) from None
 
 
+OLD_UNIT_PREFIX = "video="  # the layout before 0.2: hive-style folders that clashed with the video column
+
+
 def unit_uri(table_root: str, video: str) -> str:
-    """The directory of one video's unit in a per-video table: ``<root>/video=<name>``."""
-    return storage.join(table_root, f"video={video}")
+    """The directory of one video's unit in a per-video table: ``<root>/<name>``.
+
+    The folder is the video's name only (no hive ``video=`` key): the ``video`` column inside the file is the
+    one source of that value, so pandas, pyarrow, DuckDB and Spark all read it as the same string column.
+    """
+    return storage.join(table_root, video)
 
 
 def done_units(table_root: str) -> dict[str, str]:
     """Finished per-video units under ``table_root``: video name -> URI of its Parquet file.
 
-    Units without a done marker (a run that died, a write in progress) are not listed; a unit whose name is
-    not a safe video name (it could lead outside the output root) is an ``InputError``.
+    Units without a done marker (a run that died, a write in progress) are not listed, nor are names that
+    start with ``_`` or ``.`` (reserved for the table's own files). A unit whose name is not a safe video
+    name (it could lead outside the output root) is an ``InputError``, and so is a table in the old
+    ``video=<name>/`` layout (the message says how to move it).
     """
     from rolo_batch.datasets.base import check_video_name
 
     found = {}
     for entry in storage.list_dir(table_root, missing_ok=True):
-        if entry.is_dir and entry.name.startswith("video=") and storage.is_done(entry.uri):
-            name = check_video_name(entry.name[len("video="):], where=entry.uri)
-            found[name] = storage.join(entry.uri, PART_FILE)
+        if not entry.is_dir or entry.name.startswith(("_", ".")):
+            continue
+        if entry.name.startswith(OLD_UNIT_PREFIX):
+            raise _old_layout_error(table_root)
+        if storage.is_done(entry.uri):
+            found[check_video_name(entry.name, where=entry.uri)] = storage.join(entry.uri, PART_FILE)
     return found
+
+
+def _old_layout_error(table_root: str) -> InputError:
+    return InputError("this table has units in the old video=<name>/ layout, which rolo-batch no longer "
+                      "reads; rename each folder to <name>/ (for a local folder: "
+                      "cd TABLE && for d in video=*; do mv \"$d\" \"${d#video=}\"; done) or run the stage "
+                      "again into a new output folder", path=table_root)
 
 
 def table_files(uri: str) -> list[str]:
@@ -118,7 +137,7 @@ def table_files(uri: str) -> list[str]:
         return [uri]
     units = done_units(uri)
     if not units:
-        raise StorageError(uri, "no finished per-video units (video=<name>/ with a _done.json) here")
+        raise StorageError(uri, "no finished per-video units (<video>/part-0.parquet with a _done.json) here")
     return [units[name] for name in sorted(units)]
 
 
@@ -164,7 +183,7 @@ class FeaturesUnit:
 
 @dataclass(frozen=True)
 class FeaturesTable:
-    """A features table on storage: ``features/<detector-id>/video=<name>/`` units that are done.
+    """A features table on storage: ``features/<detector-id>/<video>/`` units that are done.
     ``feature_shape``: ``(C, H, W)`` when each feature is a flattened activation map, else None."""
 
     root: str
@@ -199,13 +218,17 @@ class FeaturesTable:
 
 
 def _table_root(uri: str) -> str:
-    if any(e.is_dir and e.name.startswith("video=") for e in storage.list_dir(uri, missing_ok=True)):
-        return uri
+    """``uri`` itself when it holds finished units, else the one ``features/<id>`` table under it."""
+    for entry in storage.list_dir(uri, missing_ok=True):
+        if entry.is_dir and entry.name.startswith(OLD_UNIT_PREFIX):
+            raise _old_layout_error(uri)
+        if entry.is_dir and entry.name != FEATURES_DIR and storage.is_done(entry.uri):
+            return uri
     candidates = [e.uri for e in storage.list_dir(storage.join(uri, FEATURES_DIR), missing_ok=True) if e.is_dir]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise StorageError(uri, "not a features table (no video=<name>/ units, no features/<detector-id>/)")
+        raise StorageError(uri, "not a features table (no finished <video>/ units, no features/<detector-id>/)")
     raise InputError(f"several features tables here ({', '.join(storage.basename(c) for c in candidates)}); "
                      f"pass one of them", path=uri)
 

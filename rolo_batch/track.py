@@ -8,9 +8,9 @@ in the named ``oracle`` detection mode, which reproduces the paper's choice of d
 
 ``run_tracking`` is the Ray layer: a Ray Data dataset of videos, ``map_batches`` over an actor pool that
 holds the model (on a GPU when the cluster has them); each actor writes its videos'
-``tracks/<run>/video=<name>/part-0.parquet`` atomically and marks them done, so a retried task (an actor that
+``tracks/<run>/<video>/part-0.parquet`` atomically and marks them done, so a retried task (an actor that
 died) rewrites the same files and a re-run skips finished videos. The heatmap model's maps are kept beside
-the rows (``heatmaps.npy``, float16 (N, 32, 32)) for overlay videos.
+the rows (``_heatmaps.npy``, float16 (N, 32, 32)) for overlay videos.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from rolo_batch.errors import ConfigError, InputError, RoloBatchError
 
 TRACKS_DIR = "tracks"
 RUN_INFO = "_run.json"
-HEATMAPS_FILE = "heatmaps.npy"
+HEATMAPS_FILE = "_heatmaps.npy"  # "_": table readers (pyarrow, Spark, DuckDB globs) skip it
 METHODS = ("rolo", "yolo", "yolo-kalman", "csrt", "kcf", "mil")
 IMAGE_METHODS = ("csrt", "kcf", "mil")
 

@@ -41,11 +41,20 @@ def test_credentials_appear_in_no_output_file_or_report(ray_local, bucket, s3_cl
         assert not leaked, f"credentials written into {leaked}"
 
 
-@pytest.mark.parametrize("name", ["..", ".hidden", "x y", "-rf", "a;rm"])
+@pytest.mark.parametrize("name", ["x y", "-rf", "a;rm", "a..b"])
 def test_unit_names_read_from_a_listing_cannot_lead_outside_the_root(tmp_path, name):
     # a crafted listing: a unit directory whose name is not a safe video name, marked done
-    unit = tmp_path / "table" / f"video={name}"
+    unit = tmp_path / "table" / name
     unit.mkdir(parents=True, exist_ok=True)
     storage.mark_done(str(unit), {})
     with pytest.raises(InputError, match="not allowed"):
         tables.done_units(str(tmp_path / "table"))
+
+
+@pytest.mark.parametrize("name", [".hidden", "_reserved"])
+def test_hidden_and_reserved_folders_of_a_table_are_not_units(tmp_path, name):
+    for unit_name in (name, "good"):
+        unit = tmp_path / "table" / unit_name
+        unit.mkdir(parents=True)
+        storage.mark_done(str(unit), {})
+    assert list(tables.done_units(str(tmp_path / "table"))) == ["good"]
