@@ -184,7 +184,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "extract", help="run the YOLO detector over videos into the features table (Ray actors on GPUs)",
         description="Shard the videos under DATA_URI across Ray actors (one detector replica per GPU, or CPU "
                     "actors on a cluster without GPUs) and write one atomic unit per video to "
-                    "OUT_URI/features/<detector-id>/video=<name>/ (<detector-id>-map<N>/ for --feature map<N>). "
+                    "OUT_URI/features/<detector-id>/<video>/ (<detector-id>-map<N>/ for --feature map<N>). "
                     "Videos already done are skipped; a failed video is reported by name and the others still "
                     "complete (exit code 1 if any failed).",
         epilog="examples:\n"
@@ -228,11 +228,20 @@ _SPLITS_EPILOG = ("splits: exp1 trains on some videos and tests on others (OTB30
                   "takes the loss only on the\nfirst third's ground truth.")
 
 
+def _add_split_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The experiment options, the same in every stage that splits frames (train, pipeline, train-detector)."""
+    p.add_argument("--split", choices=["exp1", "exp2", "exp3"], default="exp2", help="experiment (default: exp2)")
+    p.add_argument("--first-part", choices=["otb30", "third"], default="otb30",
+                   help="exp2/exp3 training part: otb30 = the paper's count for an OTB30 video of the listed "
+                        "length, floor(N/3) for any other (with a warning when a listed video's length "
+                        "differs); third = floor(N/3) for every video (default: otb30)")
+    p.add_argument("--train-list", metavar="URI", help="exp1: file of training video names, one per line")
+    p.add_argument("--test-list", metavar="URI", help="exp1: file of test video names, one per line")
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ROLO training")
-    g.add_argument("--split", choices=["exp1", "exp2", "exp3"], default="exp2", help="experiment (default: exp2)")
-    g.add_argument("--train-list", metavar="URI", help="exp1: file of training video names, one per line")
-    g.add_argument("--test-list", metavar="URI", help="exp1: file of test video names, one per line")
+    _add_split_options(g)
     g.add_argument("--steps", type=_positive_int, default=6, help="frames per window (default: 6)")
     g.add_argument("--stride", type=_positive_int, default=1, help="frames between training windows (default: 1)")
     g.add_argument("--model", choices=["compact", "faithful", "heatmap"], default="compact",
@@ -282,7 +291,7 @@ def _train_config(args: argparse.Namespace, features_uri: str, out_uri: str):
                        box_head=args.box_head, feature_dropout=args.feature_dropout, roi_bins=args.roi_bins,
                        roi_context=args.roi_context)
     return TrainConfig(features_uri=features_uri, out_uri=out_uri, run=args.run, split=args.split,
-                       train_list=args.train_list, test_list=args.test_list, model=model,
+                       first_part=args.first_part, train_list=args.train_list, test_list=args.test_list, model=model,
                        window=WindowConfig(steps=args.steps, stride=args.stride, detection=args.detection_input),
                        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                        detection_jitter=args.detection_jitter, detection_drop=args.detection_drop,
@@ -333,7 +342,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if result.resumed_from_epoch:
         print(f"resumed after epoch {result.resumed_from_epoch}")
     print(f"model written to {result.model_uri}")
-    return 0
+    for video, error in result.failed.items():
+        print(f"failed: {video}: {error}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 # --- track / score / render ------------------------------------------------------------------------------
@@ -367,7 +378,7 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
         "track", help="track every video with ROLO and the baselines (Ray Data, batched across videos)",
         description="One-pass tracking of every video of FEATURES_URI with the model MODEL_URI (from 'rolo-batch "
                     "train') and, for comparison, YOLO only, YOLO + Kalman and OpenCV's CSRT, KCF and MIL. Each "
-                    "tracker gets only the first frame's box. Writes OUT_URI/tracks/<run>/video=<name>/ "
+                    "tracker gets only the first frame's box. Writes OUT_URI/tracks/<run>/<video>/ "
                     "atomically per video; finished videos are skipped on a re-run.",
         epilog="examples:\n"
                "  rolo-batch track out/ out/models/rolo/model.pt out/\n"
@@ -508,11 +519,7 @@ def _add_train_detector(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-dim", type=_positive_int, help="size of the feature layer (override)")
     p.add_argument("--init-weights", metavar="URI", help="start from a detector checkpoint or Darknet weights")
     p.add_argument("--classes", metavar="URI", help="CSV of video,class for a detector with classes")
-    p.add_argument("--split", choices=["exp1", "exp2", "exp3"], default="exp2", help="experiment (default: exp2)")
-    p.add_argument("--first-part", choices=["otb30", "third"], default="otb30",
-                   help="exp2/exp3 training part: OTB30's recorded first third, else a third (default: otb30)")
-    p.add_argument("--train-list", metavar="URI", help="exp1: file of training video names")
-    p.add_argument("--test-list", metavar="URI", help="exp1: file of test video names")
+    _add_split_options(p)
     p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
     p.add_argument("--epochs", type=_positive_int, default=60, help="epochs (default: 60)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="frames per worker per step (default: 16)")
@@ -574,7 +581,9 @@ def _run_train_detector(args: argparse.Namespace) -> int:
     print(_detector_history_table(result.history))
     print(f"held-out AP@0.5 {result.ap50:.3f}, mean IoU of the best detection {result.mean_iou:.3f}")
     print(f"detector written to {result.detector_uri} (id {result.detector_id})")
-    return 0
+    for video, error in result.skipped_videos.items():
+        print(f"failed: {video}: {error}", file=sys.stderr)
+    return 1 if result.skipped_videos else 0
 
 
 # --- pipeline --------------------------------------------------------------------------------------------
@@ -616,7 +625,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     _connect(args.address)
     result = run_pipeline(config)
     _print_locations(result.locations())
-    return 1 if result.extract.failed or result.track.failed else 0
+    return 1 if result.failed else 0
 
 
 def _print_locations(locations: dict[str, str]) -> None:
@@ -747,7 +756,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("validate", help="check a Parquet table against its contract",
                        description="Check every Parquet file of a table (one file, or a per-video table root "
-                                   "with video=<name>/ units) against its contract; exits 1 on the first "
+                                   "with <video>/ units) against its contract; exits 1 on the first "
                                    "mismatch, naming the file and the column.")
     p.add_argument("uri", metavar="TABLE_URI", help="a Parquet file or a per-video table root")
     p.add_argument("--table", choices=contracts.available(), required=True, help="the contract to check")

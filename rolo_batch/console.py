@@ -50,6 +50,11 @@ def _cell(value: Any, floatfmt: str) -> str:
     return str(value)
 
 
+def warn(message: str, stream: TextIO | None = None) -> None:
+    """One ``warning: ...`` line on stderr: something the user should know that does not stop the job."""
+    print(f"warning: {message}", file=stream or sys.stderr, flush=True)
+
+
 def format_duration(seconds: float) -> str:
     """``75`` -> ``1m15s``; ``3725`` -> ``1h02m``."""
     if not math.isfinite(seconds):

@@ -55,7 +55,8 @@ class DemoConfig:
 
     def pipeline(self, detector_uri: str) -> PipelineConfig:
         model = RoloConfig(form="compact", feature_dim=1, steps=self.steps, hidden_size=128, projection_size=128)
-        train = TrainConfig(features_uri="", out_uri=self.out_uri, run="demo", split="exp2", model=model,
+        train = TrainConfig(features_uri="", out_uri=self.out_uri, run="demo", split="exp2", first_part="third",
+                            model=model,
                             window=WindowConfig(steps=self.steps), epochs=self.rolo_epochs, batch_size=16,
                             learning_rate=2e-3, detection_jitter=0.1, detection_drop=0.1,
                             checkpoint_every=10, max_failures=2, seed=self.seed)

@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 
 from rolo_batch import splits, storage
+from rolo_batch.console import warn
 from rolo_batch.errors import ConfigError, InputError, StorageError
 
 if TYPE_CHECKING:
@@ -767,36 +768,47 @@ def plan_samples(index: Sequence[VideoIndex], split: "splits.Split", config: Det
     return SampleSet(items, frames, videos)
 
 
-def decode_samples(batch: Mapping[str, np.ndarray], input_size: int) -> Iterator[dict[str, np.ndarray]]:
+def decode_samples(batch: Mapping[str, np.ndarray], input_size: int,
+                   failures_uri: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: decode the frames of each work item and resize them to ``input_size`` x ``input_size``
     exactly as ``Detector.preprocess`` does (bilinear, aspect ratio not kept; still BGR uint8). Yields one
     batch per item: ``image`` ``(n, S, S, 3)`` uint8, ``box`` ``(n, 4)`` float32 ``cxcywh_norm``,
-    ``class_id`` ``(n,)``, ``video_key`` ``(n,)`` (CRC-32 of the name) and ``frame`` ``(n,)``."""
-    from rolo_batch import datasets
+    ``class_id`` ``(n,)``, ``video_key`` ``(n,)`` (CRC-32 of the name) and ``frame`` ``(n,)``.
+
+    An item with a frame that cannot be read (missing, truncated) fails alone: with ``failures_uri`` its error
+    is recorded there (``raytrain.record_failure``) and the item gives no frames; without, it raises."""
+    from rolo_batch import datasets, raytrain
 
     for i in range(len(batch["name"])):
         name = str(batch["name"][i])
         ref = datasets.VideoRef(name, str(batch["kind"][i]), str(batch["uri"][i]),
                                 str(batch["groundtruth_uri"][i]) or None)
-        video = datasets.open_video(ref)
         indices = [int(k) for k in batch["indices"][i]]
         images = np.empty((len(indices), input_size, input_size, 3), np.uint8)
-        for row, index in enumerate(indices):
-            images[row] = cv2.resize(np.ascontiguousarray(video.read_frame(index)), (input_size, input_size),
-                                     interpolation=cv2.INTER_LINEAR)
+        try:
+            video = datasets.open_video(ref)
+            for row, index in enumerate(indices):
+                images[row] = cv2.resize(np.ascontiguousarray(video.read_frame(index)), (input_size, input_size),
+                                         interpolation=cv2.INTER_LINEAR)
+        except (InputError, StorageError) as exc:
+            if failures_uri is None:
+                raise
+            raytrain.record_failure(failures_uri, name, "frames", exc)
+            continue
         yield {"image": images, "box": np.asarray([list(b) for b in batch["boxes"][i]], np.float32).reshape(-1, 4),
                "class_id": np.full(len(indices), int(batch["class_id"][i]), np.int64),
                "video_key": np.full(len(indices), zlib.crc32(name.encode()), np.int64),
                "frame": np.asarray(batch["frames"][i], np.int64)}
 
 
-def samples_dataset(samples: SampleSet, input_size: int, cache: bool):
+def samples_dataset(samples: SampleSet, input_size: int, cache: bool, failures_uri: str | None = None):
     """A Ray Data dataset of decoded, resized frames (``decode_samples``' columns), materialised in the
-    object store when ``cache``."""
+    object store when ``cache``; ``failures_uri``: where a video whose frames fail records its error."""
     import ray
 
     ds = ray.data.from_items(samples.items, override_num_blocks=max(1, len(samples.items)))
-    ds = ds.map_batches(decode_samples, fn_kwargs={"input_size": input_size}, batch_size=1, num_cpus=0.5)
+    ds = ds.map_batches(decode_samples, fn_kwargs={"input_size": input_size, "failures_uri": failures_uri},
+                        batch_size=1, num_cpus=0.5)
     return ds.materialize() if cache else ds
 
 
@@ -1152,6 +1164,8 @@ def run_detector_training(config: DetectorTrainConfig, log=print) -> DetectorTra
     if not test_set.frames:
         raise ConfigError(f"split {split.name} leaves no held-out frames with valid ground truth among "
                           f"{len(index)} video(s): AP cannot be measured")
+    for line in splits.first_part_warnings(split, {v.ref.name: len(v.frames) for v in index}):
+        warn(line)
     manifest = splits.split_manifest(split, {v.ref.name: v.frames for v in index})
     splits.write_manifest(storage.join(config.run_uri, SPLIT_FILE), manifest)
     mean_box = np.mean([b for item in train_set.items for b in item["boxes"]], axis=0)
@@ -1162,8 +1176,10 @@ def run_detector_training(config: DetectorTrainConfig, log=print) -> DetectorTra
     say(f"train-detector: {train_set.frames} training frames of {train_set.videos} video(s), {test_set.frames} "
         f"held-out frames of {test_set.videos}; decoding them at {detector_config.input_size} px")
 
-    train_ds = samples_dataset(train_set, detector_config.input_size, config.cache_frames)
-    test_ds = samples_dataset(test_set, detector_config.input_size, config.cache_frames)
+    failures_uri = storage.join(config.run_uri, raytrain.FAILED_DIR)
+    storage.delete(failures_uri)  # failures of an earlier session are not this one's
+    train_ds = samples_dataset(train_set, detector_config.input_size, config.cache_frames, failures_uri)
+    test_ds = samples_dataset(test_set, detector_config.input_size, config.cache_frames, failures_uri)
     use_gpu = raytrain.use_gpu(config.gpu, config.workers)
     session = raytrain.new_session()
     loop = {**_loop_config(config, detector_config, use_gpu), "session": session,
@@ -1178,8 +1194,9 @@ def run_detector_training(config: DetectorTrainConfig, log=print) -> DetectorTra
     detector_uri = storage.join(config.run_uri, DETECTOR_FILE)
     det.save_detector(detector, detector_uri)
     raytrain.write_metrics(config.run_uri, history, {PLOT_FILE: _training_plot(history)})
+    skipped.update(raytrain.read_failures(failures_uri))
     return DetectorTrainResult(config.run_uri, detector_uri, detector.detector_id, history,
-                               raytrain.resumed_from_epoch(history, session), skipped)
+                               raytrain.resumed_from_epoch(history, session), dict(sorted(skipped.items())))
 
 
 # Settings that change how a run executes, not what it computes: a finished run is reused whatever they are.

@@ -60,6 +60,12 @@ class PipelineResult:
     score: ScoreSummary
     overlays: list[str]
     seconds: dict[str, float]
+    train_failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        """Whether any video failed in any stage (the others completed)."""
+        return bool(self.extract.failed or self.train_failed or self.track.failed)
 
     def locations(self) -> dict[str, str]:
         return {"features": self.extract.table_root, "model": self.model_uri, "tracks": self.track.run_uri,
@@ -88,6 +94,7 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
     train = config.train_config(extracted.table_root)
     model_uri = storage.join(train.run_uri, MODEL_FILE)
     trained = not storage.is_file(model_uri)
+    train_failed: dict[str, str] = {}
     if not trained:
         _check_model_features(model_uri, train.run_uri, extracted.table_root)
     if trained:
@@ -96,6 +103,9 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
         final = result.final
         log(f"trained {len(result.history)} epochs: val loss {final['val_loss']:.3f} (mean box "
             f"{final['val_baseline_loss']:.3f}), val IoU {final['val_iou']:.3f}")
+        train_failed = result.failed
+        for video, error in train_failed.items():
+            log(f"train: {video} failed and was left out: {error}")
     else:
         log(f"reusing {model_uri} (delete it to retrain)")
     done()
@@ -115,7 +125,7 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
     retracked = {row["video"] for row in tracked.rows if row["status"] == "done"}
     overlays = _render(config, tracked.run_uri, train.run, retracked, log)
     done()
-    return PipelineResult(extracted, model_uri, trained, tracked, scored, overlays, seconds)
+    return PipelineResult(extracted, model_uri, trained, tracked, scored, overlays, seconds, train_failed)
 
 
 def _check_model_features(model_uri: str, run_uri: str, features_root: str) -> None:

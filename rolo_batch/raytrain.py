@@ -9,6 +9,9 @@ live under ``<run_uri>/ray``, local or S3, so that re-running with the same run 
 checkpoint's state dict), ``resumed_from_epoch``, and ``write_metrics`` (``metrics.json``, ``metrics.csv`` and
 a plot beside them).
 
+Both sides: ``record_failure`` (a data task's record of a video that failed alone, so that one bad video
+does not stop a training job) and ``read_failures`` (the driver's report of them).
+
 A checkpoint is one ``torch.save`` file (``state.pt``) holding whatever the loop puts in its state dict (model,
 optimizer, epoch, history, ...), only ever loaded with ``weights_only=True``.
 """
@@ -25,6 +28,7 @@ from rolo_batch import storage
 
 STATE_FILE = "state.pt"
 RAY_DIR = "ray"
+FAILED_DIR = "failed"  # <run>/failed/<purpose>-<video>.json: the videos this session could not read
 
 
 # --- worker side -----------------------------------------------------------------------------------------
@@ -182,3 +186,25 @@ def figure_png(figure) -> bytes:
 
 def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+# --- videos that fail alone ------------------------------------------------------------------------------
+
+def record_failure(failures_uri: str, video: str, purpose: str, error: BaseException) -> None:
+    """Write ``<failures_uri>/<purpose>-<video>.json``: the video, what it was read for, and the error (named
+    after the video when the error did not know it)."""
+    from rolo_batch.errors import InputError
+
+    message = str(error.with_video(video) if isinstance(error, InputError) and error.video is None else error)
+    storage.write_text(storage.join(failures_uri, f"{purpose}-{video}.json"),
+                       json.dumps({"video": video, "purpose": purpose, "error": message}))
+
+
+def read_failures(failures_uri: str) -> dict[str, str]:
+    """Video -> error of every failure recorded under ``failures_uri`` (one per video, sorted by video)."""
+    out: dict[str, str] = {}
+    for entry in sorted(storage.list_dir(failures_uri, missing_ok=True), key=lambda e: e.name, reverse=True):
+        if entry.name.endswith(".json") and not entry.is_dir:
+            record = json.loads(storage.read_text(entry.uri))
+            out[record["video"]] = record["error"]
+    return dict(sorted(out.items()))

@@ -6,8 +6,9 @@ Three named splits reproduce the paper (arXiv:1607.05781, OTB30 in ``rolo_batch/
 
 - ``exp1``: a video-level split. Training videos give every frame as input and target; test videos give every
   frame as a test frame and nothing to training. OTB30's 22/8 split by default, or any train/test lists.
-- ``exp2``: a frame-level split of every video. The first part (OTB30's ``train_frames``, else ``floor(N/3)``)
-  trains, the rest tests. Training windows lie entirely inside the first part; the loss is on the last step.
+- ``exp2``: a frame-level split of every video. The first part (OTB30's ``train_frames`` for an OTB30 video
+  of the listed length, else ``floor(N/3)``) trains, the rest tests. Training windows lie entirely inside the
+  first part; the loss is on the last step.
 - ``exp3``: like exp2 for targets and test frames, but every frame may be input: training windows slide over the
   whole video (so they may cross from the first part into the test part), and the loss is taken on every step
   whose frame is a first-part frame with valid ground truth (a per-step mask); steps on test frames carry no loss.
@@ -98,7 +99,7 @@ class Split:
     each video trains, the rest tests). ``inputs``: whether training windows may read only train frames or all
     frames. ``loss_steps``: the loss on the last step of a window only, or on every step with a target.
     ``first_part_counts``: ``(video, frames, train_frames)`` rows fixing the first part of known videos
-    (OTB30); other videos use ``floor(N / 3)``.
+    (OTB30); other videos, and listed ones of another length, use ``floor(N / 3)``.
     """
 
     name: str
@@ -142,14 +143,24 @@ class Split:
 
     def first_part_length(self, video: str, num_frames: int) -> int:
         """How many of the video's first frames form its training part (``frame_split == "first_part"``)."""
+        return self.first_part_rule(video, num_frames)[0]
+
+    def first_part_rule(self, video: str, num_frames: int) -> tuple[int, str]:
+        """The first part's length and the rule that gave it: ``"otb30"`` (the paper's count, for a video
+        of the list with the list's length) or ``"third"`` (``floor(N / 3)``: every other video, and a video
+        of the list whose length differs from the list's, e.g. OTB-100's 215-frame Diving against OTB30's
+        214; ``first_part_warnings`` says which)."""
+        listed = self.listed_length(video)
+        if listed is not None and listed[0] == num_frames:
+            return listed[1], "otb30"
+        return num_frames // 3, "third"
+
+    def listed_length(self, video: str) -> tuple[int, int] | None:
+        """``(frames, train_frames)`` that ``first_part_counts`` fixes for ``video``, or None."""
         for name, frames, train_frames in self.first_part_counts:
             if name == video:
-                if num_frames != frames:
-                    raise InputError(f"has {num_frames} frames, but split {self.name!r} fixes its first part "
-                                     f"for the {frames}-frame video of otb30.csv ({train_frames} train frames); "
-                                     "use first_part='third' for other versions of the video", video=video)
-                return train_frames
-        return num_frames // 3
+                return frames, train_frames
+        return None
 
     def train_frame_mask(self, video: str, frames: np.ndarray) -> np.ndarray:
         """``(N,)`` bool: frames in the training part, ground truth or not (``frames``: frame numbers, any order)."""
@@ -222,8 +233,8 @@ def get_split(name: str, *, train_videos: Iterable[str] | None = None, test_vide
 
     exp1 takes its videos from ``train_videos``/``test_videos`` or the files ``train_list``/``test_list`` (one
     name a line), else OTB30's 22/8 split. exp2/exp3: ``first_part="otb30"`` fixes the first part of the OTB30
-    videos as the paper did (``train_frames``; a video of that name with another length is an error) and uses
-    ``floor(N / 3)`` elsewhere; ``"third"`` uses ``floor(N / 3)`` everywhere.
+    videos as the paper did (``train_frames``) and uses ``floor(N / 3)`` elsewhere, including a video of the
+    list with another length (``first_part_warnings`` names those); ``"third"`` uses ``floor(N / 3)`` everywhere.
     """
     if name not in SPLIT_NAMES:
         raise ConfigError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
@@ -279,11 +290,28 @@ def ranges_to_frames(ranges: Sequence[Sequence[int]]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
+def first_part_warnings(split: Split, lengths: Mapping[str, int]) -> list[str]:
+    """One line per video (name -> frame count) whose length differs from the one the split's list fixes:
+    it falls back to ``floor(N / 3)``, and the user should know."""
+    out = []
+    if split.frame_split != "first_part":
+        return out
+    for video in sorted(lengths):
+        listed = split.listed_length(video)
+        if listed is not None and listed[0] != lengths[video]:
+            length, _ = split.first_part_rule(video, lengths[video])
+            out.append(f"{video}: {lengths[video]} frames, but otb30.csv lists {listed[0]} ({listed[1]} train "
+                       f"frames); another version of the video, so its first part is floor(N/3) = {length} "
+                       f"frames (--first-part third applies that rule to every video)")
+    return out
+
+
 def split_manifest(split: Split, videos: Mapping[str, np.ndarray | Sequence[int]]) -> dict:
     """JSON-serialisable record of a split applied to ``videos`` (name -> frame numbers).
 
     Per video, as inclusive frame ranges: ``frames`` (all), ``train`` (training part: ground truth may be a
-    target), ``input`` (frames training may read), ``test`` (frames to score).
+    target), ``input`` (frames training may read), ``test`` (frames to score); for a frame-level split also
+    ``first_part_rule``, the rule that sized its training part (``otb30`` or ``third``).
     """
     entries = {}
     for video in sorted(videos):
@@ -294,6 +322,8 @@ def split_manifest(split: Split, videos: Mapping[str, np.ndarray | Sequence[int]
             "input": frames_to_ranges(frames[split.input_mask(video, frames)]),
             "test": frames_to_ranges(frames[split.test_mask(video, frames)]),
         }
+        if split.frame_split == "first_part":
+            entries[video]["first_part_rule"] = split.first_part_rule(video, len(frames))[1]
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "split": split.describe(), "videos": entries}
 
 

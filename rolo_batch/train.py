@@ -25,6 +25,8 @@ choosing the "best" epoch on them would tune on the test set.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
@@ -32,13 +34,15 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from rolo_batch import raytrain, splits, storage, tables
-from rolo_batch.errors import ConfigError
+from rolo_batch.console import warn
+from rolo_batch.errors import ConfigError, InputError, StorageError
 from rolo_batch.rolo import RoloConfig
 from rolo_batch.windows import WindowConfig
 
 MODELS_DIR = "models"
 MODEL_FILE = "model.pt"
 SPLIT_FILE = "split.json"
+FAILED_DIR = raytrain.FAILED_DIR
 STATE_FILE = raytrain.STATE_FILE
 RAY_DIR = raytrain.RAY_DIR
 
@@ -60,6 +64,7 @@ class TrainConfig:
     out_uri: str
     run: str = "rolo"
     split: str = "exp2"
+    first_part: str = "otb30"
     train_list: str | None = None
     test_list: str | None = None
     model: RoloConfig = field(default_factory=lambda: RoloConfig(feature_dim=1))
@@ -91,6 +96,8 @@ class TrainConfig:
                               f"{self.detection_jitter}, {self.detection_drop}")
         if self.gpu not in ("auto", "on", "off"):
             raise ConfigError(f"gpu must be auto, on or off, got {self.gpu!r}")
+        if self.first_part not in ("otb30", "third"):
+            raise ConfigError(f"first_part must be 'otb30' or 'third', got {self.first_part!r}")
         if self.model.steps != self.window.steps:
             raise ConfigError(f"the model's steps ({self.model.steps}) and the windows' ({self.window.steps}) differ")
         if not self.run or "/" in self.run or self.run.startswith("."):
@@ -143,21 +150,36 @@ def evaluate_batch(model, batch: Mapping[str, Any], mean_target) -> dict[str, fl
 # --- data through Ray Data -------------------------------------------------------------------------------
 
 def video_windows(batch: Mapping[str, np.ndarray], split: splits.Split, window: WindowConfig, purpose: str,
-                  chunk: int = 256) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: the windows of each video in a batch of ``{video, part_uri}`` rows, in bounded chunks."""
+                  failures_uri: str | None = None, chunk: int = 256) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: the windows of each video in a batch of ``{video, part_uri}`` rows, in bounded chunks.
+
+    A video whose unit cannot be read or windowed (a bad file, repeated frames, ...) fails alone: with
+    ``failures_uri`` its error is recorded there (``raytrain.record_failure``) and it gives no windows; without,
+    it raises.
+    """
     from rolo_batch import contracts
     from rolo_batch.windows import iter_windows
 
-    for part_uri in batch["part_uri"]:
-        frames = tables.FeatureFrames.from_arrow(tables.read_parquet(str(part_uri), contracts.load("features")))
-        for windows in iter_windows(frames, split, window, purpose=purpose, batch_size=chunk):
+    for video, part_uri in zip(batch["video"], batch["part_uri"]):
+        try:
+            frames = tables.FeatureFrames.from_arrow(tables.read_parquet(str(part_uri), contracts.load("features")))
+            chunks = iter_windows(frames, split, window, purpose=purpose, batch_size=chunk)
+            first = next(chunks, None)  # a video's checks all run before its first window
+        except (InputError, StorageError, ValueError) as exc:
+            if failures_uri is None:
+                raise
+            raytrain.record_failure(failures_uri, str(video), purpose, exc)
+            continue
+        for windows in itertools.chain([] if first is None else [first], chunks):
             columns = windows.to_batch()
             columns.pop("video")  # strings do not become tensors; last_frame keeps the key
             yield columns
 
 
-def windows_dataset(table: tables.FeaturesTable, split: splits.Split, window: WindowConfig, purpose: str):
-    """A Ray Data dataset of the windows of every video of ``table`` that the split uses for ``purpose``."""
+def windows_dataset(table: tables.FeaturesTable, split: splits.Split, window: WindowConfig, purpose: str,
+                    failures_uri: str | None = None):
+    """A Ray Data dataset of the windows of every video of ``table`` that the split uses for ``purpose``
+    (``failures_uri``: where a video that fails records its error instead of failing the dataset)."""
     import ray
 
     wanted = []
@@ -169,7 +191,8 @@ def windows_dataset(table: tables.FeaturesTable, split: splits.Split, window: Wi
     if not wanted:
         raise ConfigError(f"split {split.name} leaves no {purpose} videos among {sorted(table.units)}")
     items = ray.data.from_items(wanted, override_num_blocks=len(wanted))
-    return items.map_batches(video_windows, fn_kwargs={"split": split, "window": window, "purpose": purpose},
+    return items.map_batches(video_windows, fn_kwargs={"split": split, "window": window, "purpose": purpose,
+                                                       "failures_uri": failures_uri},
                              batch_size=1, num_cpus=0.5)
 
 
@@ -272,13 +295,15 @@ def train_loop_per_worker(loop: dict) -> None:
 
 @dataclass
 class TrainResult:
-    """What a run produced: the exported model's URI, the per-epoch history (of every session of the run), and
-    the epoch this session started after (0 for a fresh run, k when it resumed from epoch k's checkpoint)."""
+    """What a run produced: the exported model's URI, the per-epoch history (of every session of the run), the
+    epoch this session started after (0 for a fresh run, k when it resumed from epoch k's checkpoint), and the
+    videos that failed alone (video -> error; the model trained on the others)."""
 
     run_uri: str
     model_uri: str
     history: list[dict]
     resumed_from_epoch: int
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def final(self) -> dict:
@@ -286,7 +311,7 @@ class TrainResult:
 
 
 def _resolve_split(config: TrainConfig) -> splits.Split:
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {} if config.split == "exp1" else {"first_part": config.first_part}
     if config.train_list:
         options["train_list"] = config.train_list
     if config.test_list:
@@ -300,6 +325,9 @@ def run_training(config: TrainConfig) -> TrainResult:
     model_config = dataclasses.replace(config.model, feature_dim=table.feature_dim, detector_id=table.detector_id,
                                        feature_shape=table.feature_shape)
     split = _resolve_split(config)
+    lengths = {name: len(unit.frame_numbers) for name, unit in table.units.items()}
+    for line in splits.first_part_warnings(split, lengths):
+        warn(line)
     manifest = splits.split_manifest(split, {name: unit.frame_numbers for name, unit in table.units.items()})
     splits.write_manifest(storage.join(config.run_uri, SPLIT_FILE), manifest)
     storage.write_text(storage.join(config.run_uri, "config.json"), _json({
@@ -307,10 +335,16 @@ def run_training(config: TrainConfig) -> TrainResult:
         "model": dataclasses.asdict(model_config), "window": dataclasses.asdict(config.window),
         "features": table.root, "detector_id": table.detector_id}))
 
-    train_ds = windows_dataset(table, split, config.window, "train")
-    val_ds = windows_dataset(table, split, config.window, "test")
+    failures_uri = storage.join(config.run_uri, FAILED_DIR)
+    storage.delete(failures_uri)  # failures of an earlier session are not this one's
+    train_ds = windows_dataset(table, split, config.window, "train", failures_uri)
+    val_ds = windows_dataset(table, split, config.window, "test", failures_uri)
     if config.cache_windows:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+        if train_ds.count() == 0:
+            failed = raytrain.read_failures(failures_uri)
+            reasons = "; ".join(f"{v}: {e}" for v, e in failed.items()) or "the split leaves no full window"
+            raise InputError(f"no training windows ({reasons})", path=table.root)
     use_gpu = raytrain.use_gpu(config.gpu, config.workers)
     session = raytrain.new_session()
     state = raytrain.fit(train_loop_per_worker, {**_loop_config(config, model_config, use_gpu), "session": session},
@@ -319,7 +353,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     history = state["history"]
     model_uri = _export(config, model_config, state, split.name, table)
     raytrain.write_metrics(config.run_uri, history, {"loss.png": _loss_plot(history)})
-    return TrainResult(config.run_uri, model_uri, history, raytrain.resumed_from_epoch(history, session))
+    return TrainResult(config.run_uri, model_uri, history, raytrain.resumed_from_epoch(history, session),
+                       raytrain.read_failures(failures_uri))
 
 
 def _loop_config(config: TrainConfig, model_config: RoloConfig, use_gpu: bool) -> dict:

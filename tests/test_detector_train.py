@@ -516,3 +516,16 @@ def test_train_detector_on_s3_resumes_with_two_workers_and_extraction_loads_it(r
     result = extract_video(detector, ref, table, ExtractOptions(batch_size=4))
     assert result.status == "done" and result.frames == 12
     assert tables.FeaturesTable.open(table).detector_id == detector.detector_id
+
+
+def test_a_video_with_an_unreadable_training_frame_fails_alone(ray_local, tmp_path):
+    from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+
+    data = str(tmp_path / "data")
+    synthesize(data, SynthConfig(videos=2, frames=12, width=96, height=72, seed=3))
+    bad_frame = tmp_path / "data" / "synth-001" / "img" / "0002.jpg"  # in the training part; indexing reads frame 1
+    bad_frame.write_bytes(b"not a jpeg")
+    result = dt.run_detector_training(tiny_config(data, str(tmp_path / "out"), epochs=1), log=None)
+    assert list(result.skipped_videos) == ["synth-001"]
+    assert "0002.jpg" in result.skipped_videos["synth-001"]
+    assert storage.is_file(result.detector_uri) and result.final["train_frames"] == 4  # synth-000's 4 only

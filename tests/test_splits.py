@@ -78,9 +78,21 @@ def test_first_part_follows_frame_order_not_row_order():
     assert sorted(shuffled[mask]) == [1, 2, 3]
 
 
-def test_exp2_refuses_an_otb30_name_with_another_length():
-    with pytest.raises(InputError, match="Dog.*100 frames.*127-frame"):
-        splits.get_split("exp2").train_frame_mask("Dog", np.arange(1, 101))
+def test_an_otb30_name_with_another_length_falls_back_to_a_third_with_a_warning():
+    # OTB-100's Diving has 215 frames, OTB30's 214 (71 train frames): the job must go on, with the stated rule
+    split = splits.get_split("exp2")
+    diving, dog = np.arange(1, 216), np.arange(1, 128)
+    assert split.first_part_rule("Diving", 215) == (71, "third")
+    assert split.first_part_rule("Dog", 127) == (42, "otb30")
+    assert split.train_frame_mask("Dog", np.arange(1, 101)).sum() == 33  # floor(100 / 3), not the csv's 42
+    warnings = splits.first_part_warnings(split, {"Diving": 215, "Dog": 127, "synthetic-1": 10})
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Diving: 215 frames, but otb30.csv lists 214 (71 train frames)")
+    assert "floor(N/3) = 71" in warnings[0] and "--first-part third" in warnings[0]
+    manifest = splits.split_manifest(split, {"Diving": diving, "Dog": dog})
+    assert manifest["videos"]["Diving"]["first_part_rule"] == "third"
+    assert manifest["videos"]["Dog"]["first_part_rule"] == "otb30"
+    assert splits.first_part_warnings(splits.get_split("exp2", first_part="third"), {"Diving": 215}) == []
 
 
 def test_exp3_reads_every_frame_but_targets_only_the_first_part():

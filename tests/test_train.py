@@ -193,3 +193,42 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(ray_local, tmp_path
     assert epochs == list(range(1, 13)), "epochs lost or repeated across the interruption"
 
 
+
+
+def _write_unit(root: str, name: str, frames: int, seed: int) -> None:
+    from tests.helpers import synthetic_feature_frames
+
+    rows = synthetic_feature_frames(name, frames, 16, seed=seed)
+    unit = tables.unit_uri(root, name)
+    tables.write_parquet(storage.join(unit, tables.PART_FILE), rows.to_arrow(), contracts.load("features"),
+                         tables.features_metadata("synthetic-0000", 16))
+    storage.mark_done(unit, tables.features_marker(name, rows.frame, "synthetic-0000", 16, IMAGE_WH))
+
+
+def test_a_bad_video_and_another_length_than_otb30_do_not_stop_training(ray_local, tmp_path, capsys):
+    # OTB-100's Diving has 215 frames where OTB30 lists 214; "broken" is a finished unit whose file is garbage
+    root = str(tmp_path / "features" / "synthetic-0000")
+    for seed, (name, frames) in enumerate([("Diving", 215), ("good-1", 60), ("broken", 60)]):
+        _write_unit(root, name, frames, seed)
+    storage.write_bytes(storage.join(tables.unit_uri(root, "broken"), tables.PART_FILE), b"not parquet")
+    code = cli.main(["train", root, str(tmp_path), "--split", "exp2", "--steps", "3", "--epochs", "1",
+                     "--batch-size", "8", "--hidden", "8", "--projection", "8", "--gpu", "off", "--run", "r"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "model written to" in captured.out
+    assert "warning: Diving: 215 frames, but otb30.csv lists 214 (71 train frames)" in captured.err
+    failed = [line for line in captured.err.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and failed[0].startswith("failed: broken: ") and "part-0.parquet" in failed[0], failed
+    manifest = json.loads(storage.read_text(storage.join(str(tmp_path), "models", "r", "split.json")))
+    assert manifest["videos"]["Diving"]["first_part_rule"] == "third"
+    assert manifest["videos"]["Diving"]["train"] == [[1, 71]]
+
+
+def test_training_with_every_video_bad_says_so(ray_local, tmp_path):
+    from rolo_batch.errors import InputError
+
+    root = str(tmp_path / "features" / "synthetic-0000")
+    _write_unit(root, "only", 60, 0)
+    storage.write_bytes(storage.join(tables.unit_uri(root, "only"), tables.PART_FILE), b"not parquet")
+    with pytest.raises(InputError, match=r"no training windows \(only: .*not a readable Parquet file"):
+        run_training(config(root, str(tmp_path), epochs=1))
