@@ -208,9 +208,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from rolo_batch.extract import run_extraction
+    from rolo_batch.extract import finished_extraction, run_extraction
 
     spec, options = _detector_spec(args), _extract_options(args)
+    summary = finished_extraction(args.data, args.out, spec, options, videos=args.videos)
+    if summary is not None:
+        print(f"nothing to do: all {len(summary.results)} videos are already extracted (--overwrite redoes them)")
+        print(f"features in {summary.table_root}")
+        return 0
     _connect(args.address)
     summary = run_extraction(args.data, args.out, spec, options, videos=args.videos, actors=args.actors,
                              gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
@@ -402,9 +407,15 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_track(args: argparse.Namespace) -> int:
-    from rolo_batch.track import run_tracking
+    from rolo_batch.track import finished_tracking, run_tracking
 
     config = _track_config(args, args.features, args.model, args.out)
+    summary = finished_tracking(config)
+    if summary is not None:
+        print(f"nothing to do: all {len(summary.rows)} videos are already tracked with this model "
+              "(--overwrite redoes them)")
+        print(f"tracks in {summary.run_uri}")
+        return 0
     _connect(args.address)
     summary = run_tracking(config)
     print(summary.table())
@@ -437,19 +448,26 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-manifest", metavar="URI", help="which frames are test frames (default: the model's)")
     p.add_argument("--include-training-frames", action="store_true", help="score every frame")
     p.add_argument("--methods", nargs="+", help="only these methods")
+    p.add_argument("--overwrite", action="store_true",
+                   help="score again even when the tracks and settings are those of the last scoring")
     _add_ray_options(p)
     p.set_defaults(handler=_run_score)
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from rolo_batch.score import ScoreConfig, run_scoring
+    from rolo_batch.score import ScoreConfig, finished_scoring, run_scoring
 
     config = ScoreConfig(tracks_uri=args.tracks, data_uri=args.data, out_uri=args.out, run=args.run,
                          protocol=args.protocol, steps=args.steps, split_manifest=args.split_manifest,
                          include_training_frames=args.include_training_frames,
-                         methods=tuple(args.methods) if args.methods else None)
-    _connect(args.address)
-    summary = run_scoring(config)
+                         methods=tuple(args.methods) if args.methods else None, overwrite=args.overwrite)
+    summary = finished_scoring(config)
+    if summary is not None:
+        print(f"nothing to do: the scores in {summary.run_uri} are from these tracks and settings "
+              "(--overwrite scores again)")
+    else:
+        _connect(args.address)
+        summary = run_scoring(config)
     print(summary.table())
     for problem in summary.problems:
         print(f"skipped: {problem}", file=sys.stderr)
@@ -622,8 +640,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
                             extract=_extract_options(args), train=_train_config(args, "", args.out),
                             track=_track_config(args, "", "", args.out), protocol=args.protocol,
                             render=tuple(args.render) if args.render else None)
-    _connect(args.address)
-    result = run_pipeline(config)
+    result = run_pipeline(config, connect=lambda: _connect(args.address))
     _print_locations(result.locations())
     return 1 if result.failed else 0
 
@@ -664,8 +681,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = DemoConfig(out_uri=args.out, videos=args.videos, frames=args.frames, seed=args.seed,
                         detector_epochs=args.detector_epochs, rolo_epochs=args.rolo_epochs)
-    _connect(args.address)
-    result = run_demo(config)
+    result = run_demo(config, connect=lambda: _connect(args.address))
     print("\nstage times:")
     print(format_table([{"stage": k, "seconds": round(v, 1)} for k, v in result.seconds.items()]
                        + [{"stage": "total", "seconds": round(time.perf_counter() - started, 1)}]))

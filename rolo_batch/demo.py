@@ -87,8 +87,10 @@ def _synthesise(config: DemoConfig, log: Log) -> None:
                on_video=lambda name, done, total: log(f"synth: {done}/{total} videos ({name})"))
 
 
-def run_demo(config: DemoConfig = DemoConfig(), log: Log = print) -> DemoResult:
-    """Run the demo on the connected Ray (see the module docstring)."""
+def run_demo(config: DemoConfig = DemoConfig(), log: Log = print, connect: Callable[[], None] = lambda: None
+             ) -> DemoResult:
+    """Run the demo on Ray (see the module docstring); ``connect`` is called before the first stage with work
+    to do, so a re-run of a finished demo returns without Ray."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     log("== synthesise ==")
@@ -99,13 +101,14 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Log = print) -> DemoResult:
     log("\n== train the detector ==")
     detector = finished_run(config.detector())
     if detector is None:
+        connect()
         detector = run_detector_training(config.detector(), log=log)
     else:
         log(f"reusing {detector.detector_uri}")
     log(f"held-out AP@0.5 {detector.ap50:.3f}, mean IoU of the best detection {detector.mean_iou:.3f}")
     seconds["train detector"] = time.perf_counter() - started
 
-    result = run_pipeline(config.pipeline(detector.detector_uri), log=log)
+    result = run_pipeline(config.pipeline(detector.detector_uri), log=log, connect=connect)
     seconds.update(result.seconds)
     return DemoResult(detector.detector_uri, detector.ap50, detector.mean_iou, result, seconds)
 

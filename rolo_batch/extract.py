@@ -311,6 +311,57 @@ class ExtractSummary:
         return format_table(rows, ["video", "status", "frames", "seconds", "frames/s", "error"], floatfmt=".2f")
 
 
+def finished_extraction(data_uri: str, out_uri: str, spec: DetectorSpec, options: ExtractOptions = ExtractOptions(),
+                        *, videos: list[str] | None = None) -> ExtractSummary | None:
+    """The summary of a job with nothing left to do, found without Ray: every video under ``data_uri`` is
+    already done in the features table of this detector and feature; else None (there is work, or a video
+    is rejected and must be reported by the job).
+
+    Cheap first (the ``_detector.json`` of each table names the spec and feature that wrote it); only when a
+    table has every video is the detector built here, on the CPU, to confirm its id (the weights at a URI may
+    have changed since).
+    """
+    started = time.perf_counter()
+    if options.overwrite:
+        return None
+    found = datasets.discover(data_uri, names=videos)
+    if found.rejected or not found.videos:
+        return None
+    names = [ref.name for ref in found.videos]
+    for root in _tables_written_by(out_uri, spec, options.feature):
+        done = tables.done_units(root)
+        if all(name in done for name in names):
+            from rolo_batch.detector import build_detector
+
+            detector = build_detector(spec.name or (None if spec.weights else "yolo-tiny"), spec.weights,
+                                      random_init=spec.random_init, seed=spec.seed, device="cpu",
+                                      feature=options.feature)
+            if tables.features_root(out_uri, detector.features_id) == root:
+                return ExtractSummary(root, detector.detector_id, [VideoResult(n, "skipped") for n in sorted(names)],
+                                      time.perf_counter() - started, [])
+    return None
+
+
+def _tables_written_by(out_uri: str, spec: DetectorSpec, feature: str) -> list[str]:
+    """Feature tables under ``out_uri`` whose ``_detector.json`` records ``spec`` and ``feature``."""
+    import json
+
+    wanted = dataclasses.asdict(spec)
+    out = []
+    for entry in storage.list_dir(storage.join(out_uri, tables.FEATURES_DIR), missing_ok=True):
+        manifest_uri = storage.join(entry.uri, tables.DETECTOR_MANIFEST)
+        if not entry.is_dir or not storage.is_file(manifest_uri):
+            continue
+        try:
+            manifest = json.loads(storage.read_text(manifest_uri))
+        except json.JSONDecodeError:
+            continue  # the job will rewrite it
+        recorded_feature = (manifest.get("feature") or {}).get("name", "fc")
+        if manifest.get("spec") == wanted and recorded_feature == feature:
+            out.append(entry.uri)
+    return out
+
+
 def run_extraction(data_uri: str, out_uri: str, spec: DetectorSpec, options: ExtractOptions = ExtractOptions(),
                    *, videos: list[str] | None = None, actors: int | None = None, gpus_per_actor: float = 1.0,
                    cpus_per_actor: float = 2.0, max_attempts: int = 3, actor_name_prefix: str | None = None,

@@ -16,9 +16,9 @@ from typing import Callable
 
 from rolo_batch import datasets, storage, tables
 from rolo_batch.errors import ConfigError
-from rolo_batch.extract import DetectorSpec, ExtractOptions, ExtractSummary, run_extraction
-from rolo_batch.score import ScoreConfig, ScoreSummary, run_scoring
-from rolo_batch.track import TrackConfig, TrackSummary, run_tracking
+from rolo_batch.extract import DetectorSpec, ExtractOptions, ExtractSummary, finished_extraction, run_extraction
+from rolo_batch.score import ScoreConfig, ScoreSummary, finished_scoring, run_scoring
+from rolo_batch.track import TrackConfig, TrackSummary, finished_tracking, run_tracking
 from rolo_batch.train import MODEL_FILE, TrainConfig, run_training
 
 Log = Callable[[str], None]
@@ -74,8 +74,10 @@ class PipelineResult:
                 **{f"overlay {storage.basename(o)}": o for o in self.overlays}}
 
 
-def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
-    """Run every stage on the connected Ray cluster; ``log`` gets one line per stage and the stage tables."""
+def run_pipeline(config: PipelineConfig, log: Log = print, connect: Callable[[], None] = lambda: None
+                 ) -> PipelineResult:
+    """Run every stage on Ray; ``log`` gets one line per stage and the stage tables. ``connect`` is called
+    before the first stage that has work to do (a re-run with nothing left neither starts nor joins Ray)."""
     seconds: dict[str, float] = {}
 
     def stage(name: str) -> Callable[[], None]:
@@ -84,8 +86,13 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
         return lambda: seconds.__setitem__(name, time.perf_counter() - started)
 
     done = stage("extract")
-    extracted = run_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
-    log(extracted.table())
+    extracted = finished_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
+    if extracted is None:
+        connect()
+        extracted = run_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
+        log(extracted.table())
+    else:
+        log(f"all {len(extracted.results)} videos already extracted in {extracted.table_root}")
     done()
     if extracted.failed and len(extracted.failed) == len(extracted.results):
         raise ConfigError("every video failed to extract; nothing to train on")
@@ -98,6 +105,7 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
     if not trained:
         _check_model_features(model_uri, train.run_uri, extracted.table_root)
     if trained:
+        connect()
         result = run_training(train)
         model_uri = result.model_uri
         final = result.final
@@ -111,13 +119,25 @@ def run_pipeline(config: PipelineConfig, log: Log = print) -> PipelineResult:
     done()
 
     done = stage("track")
-    tracked = run_tracking(config.track_config(extracted.table_root, model_uri, train.run))
-    log(tracked.table())
+    track_config = config.track_config(extracted.table_root, model_uri, train.run)
+    tracked = finished_tracking(track_config)
+    if tracked is None:
+        connect()
+        tracked = run_tracking(track_config)
+        log(tracked.table())
+    else:
+        log(f"all {len(tracked.rows)} videos already tracked in {tracked.run_uri}")
     done()
 
     done = stage("score")
-    scored = run_scoring(ScoreConfig(tracks_uri=tracked.run_uri, data_uri=config.data_uri, out_uri=config.out_uri,
-                                     protocol=config.protocol))
+    score_config = ScoreConfig(tracks_uri=tracked.run_uri, data_uri=config.data_uri, out_uri=config.out_uri,
+                               protocol=config.protocol)
+    scored = finished_scoring(score_config)
+    if scored is None:
+        connect()
+        scored = run_scoring(score_config)
+    else:
+        log(f"reusing the scores in {scored.run_uri} (same tracks and settings)")
     log(scored.table())
     done()
 

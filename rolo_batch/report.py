@@ -43,6 +43,12 @@ class ReportFiles:
     precision_png: str
 
 
+def report_files(out_uri: str) -> ReportFiles:
+    """Where ``write_report`` writes its files under ``out_uri``."""
+    return ReportFiles(markdown=storage.join(out_uri, REPORT_MD), success_png=storage.join(out_uri, SUCCESS_PNG),
+                       precision_png=storage.join(out_uri, PRECISION_PNG))
+
+
 @dataclass(frozen=True)
 class _Split:
     per_video: list[VideoScore]
@@ -182,8 +188,7 @@ def write_report(scores: Scores, out_uri: str, title: str = "Tracking report", d
     each atomically; the markdown is written last and embeds the plots by relative path."""
     split = _split(scores)
     rows = split.per_video + split.overall
-    files = ReportFiles(markdown=storage.join(out_uri, REPORT_MD), success_png=storage.join(out_uri, SUCCESS_PNG),
-                        precision_png=storage.join(out_uri, PRECISION_PNG))
+    files = report_files(out_uri)
     storage.write_bytes(files.success_png, success_plot_png(rows, dpi))
     storage.write_bytes(files.precision_png, precision_plot_png(rows, dpi))
     storage.write_text(files.markdown, report_markdown(rows, title))

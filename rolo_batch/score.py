@@ -25,6 +25,7 @@ from rolo_batch.track import RUN_INFO
 
 SCORES_DIR = "scores"
 SCORES_FILE = "scores.parquet"
+INPUTS_FILE = "_inputs.json"  # what the scores were computed from: a re-run with the same inputs does nothing
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ScoreConfig:
     include_training_frames: bool = False
     methods: tuple[str, ...] | None = None
     videos_per_task: int = 4
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in metrics.PROTOCOL_NAMES:
@@ -133,6 +135,35 @@ def _allowed(manifest: dict | None, video: str) -> str:
         return ""  # a video the model never saw: all its frames are test frames
 
 
+def _inputs(config: ScoreConfig, info: dict, videos: list[str]) -> dict:
+    """What a scoring run reads: its settings, the tracks run's record (which changes whenever tracking ran
+    again) and the finished videos."""
+    return {"tracks": config.tracks_uri, "data": config.data_uri, "protocol": config.protocol, "steps": config.steps,
+            "split_manifest": config.split_manifest, "include_training_frames": config.include_training_frames,
+            "methods": None if config.methods is None else list(config.methods), "tracks_run": info,
+            "videos": sorted(videos)}
+
+
+def finished_scoring(config: ScoreConfig) -> ScoreSummary | None:
+    """The summary of the last scoring of ``config.run_uri`` when it was computed from the same inputs
+    (``_inputs``), read back without Ray; else None."""
+    started = time.perf_counter()
+    inputs_uri = storage.join(config.run_uri, INPUTS_FILE)
+    scores_uri = storage.join(config.run_uri, SCORES_FILE)
+    if config.overwrite or not storage.is_file(inputs_uri) or not storage.is_file(scores_uri):
+        return None
+    recorded = json.loads(storage.read_text(inputs_uri))
+    current = _inputs(config, _run_info(config.tracks_uri), list(tables.done_units(config.tracks_uri)))
+    if recorded.get("inputs") != current:
+        return None
+    files = report.report_files(config.run_uri)
+    if not all(storage.is_file(uri) for uri in (files.markdown, files.success_png, files.precision_png)):
+        return None
+    every = metrics.scores_from_table(tables.read_parquet(scores_uri, contracts.load("scores")))
+    return ScoreSummary(config.run_uri, every, files, scores_uri, list(recorded.get("problems", [])),
+                        time.perf_counter() - started)
+
+
 def run_scoring(config: ScoreConfig) -> ScoreSummary:
     """Score a tracks run (see the module docstring) on the connected Ray cluster."""
     import ray
@@ -162,6 +193,8 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     scores_uri = storage.join(config.run_uri, SCORES_FILE)
     tables.write_parquet(scores_uri, table, contracts.load("scores"), metrics.protocol_metadata(protocol))
     files = report.write_report(every, config.run_uri, title=f"Tracking report: {config.run_name}")
+    storage.write_text(storage.join(config.run_uri, INPUTS_FILE), json.dumps(
+        {"inputs": _inputs(config, info, list(units)), "problems": problems}, indent=1, sort_keys=True))
     return ScoreSummary(config.run_uri, every, files, scores_uri, problems, time.perf_counter() - started)
 
 

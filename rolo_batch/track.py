@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -291,6 +292,24 @@ def _feature_kind(shape: tuple[int, ...] | None) -> str:
     return "a feature vector" if shape is None else f"feature maps of shape {list(shape)}"
 
 
+def finished_tracking(config: TrackConfig) -> TrackSummary | None:
+    """The summary of a run with nothing left to do, found without Ray: every video of the features table is
+    already tracked in this run, with this model and these features; else None."""
+    started = time.perf_counter()
+    if config.overwrite:
+        return None
+    table = tables.FeaturesTable.open(config.features_uri, list(config.videos) if config.videos else None)
+    done = tables.done_units(config.run_uri)
+    if any(name not in done for name in table.units):
+        return None
+    info_uri = storage.join(config.run_uri, RUN_INFO)
+    previous = json.loads(storage.read_text(info_uri)) if storage.is_file(info_uri) else {}
+    if previous.get("model") != config.model_uri or previous.get("features") != table.root:
+        return None  # run_tracking says what differs
+    rows = [{"video": v, "status": "skipped", "frames": 0, "seconds": 0.0, "error": ""} for v in sorted(table.units)]
+    return TrackSummary(config.run_uri, rows, time.perf_counter() - started)
+
+
 def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> TrackSummary:
     """Track every video of the features table on the connected Ray cluster (see the module docstring)."""
     import ray
@@ -309,16 +328,19 @@ def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> Tra
                           f"{_feature_kind(table.feature_shape)}; track with the features it was trained on")
     run_info = {"model": config.model_uri, "features": table.root, "detector_id": table.detector_id,
                 "steps": info.steps, "split": info.split, "detection": config.detection,
-                "split_manifest": info.metadata.get("split_manifest"), "methods": list(config.methods)}
+                "split_manifest": info.metadata.get("split_manifest"), "methods": list(config.methods),
+                "session": uuid.uuid4().hex}  # new whenever tracking runs: scoring knows to score again
     done = set() if config.overwrite else set(tables.done_units(config.run_uri))
     if done:
         _check_same_inputs(config.run_uri, run_info)
-    storage.write_text(storage.join(config.run_uri, RUN_INFO), json.dumps(run_info, indent=2, sort_keys=True))
-    sources = _sources(config, table)
     rows = [{"video": v, "status": "skipped", "frames": 0, "seconds": 0.0, "error": ""}
             for v in sorted(table.units) if v in done]
-    todo = [{"video": name, "part_uri": unit.part_uri, "source": json.dumps(sources[name]) if sources[name] else ""}
-            for name, unit in sorted(table.units.items()) if name not in done]
+    pending = [name for name in sorted(table.units) if name not in done]
+    if pending:  # the run's record changes only when tracking writes something
+        storage.write_text(storage.join(config.run_uri, RUN_INFO), json.dumps(run_info, indent=2, sort_keys=True))
+    sources = _sources(config, table) if pending else {}
+    todo = [{"video": name, "part_uri": table.units[name].part_uri,
+             "source": json.dumps(sources[name]) if sources[name] else ""} for name in pending]
     if todo:
         resources = cluster_resources()
         use_gpu = config.gpu == "on" or (config.gpu == "auto" and resources.gpus >= 1)

@@ -343,8 +343,12 @@ def run_training(config: TrainConfig) -> TrainResult:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
         if train_ds.count() == 0:
             failed = raytrain.read_failures(failures_uri)
-            reasons = "; ".join(f"{v}: {e}" for v, e in failed.items()) or "the split leaves no full window"
-            raise InputError(f"no training windows ({reasons})", path=table.root)
+            if failed:
+                reasons = "; ".join(f"{v}: {e}" for v, e in failed.items())
+                raise InputError(f"no training windows: every video with training frames failed ({reasons})",
+                                 path=table.root)
+            warn(f"split {split.name} leaves no full training window of {config.window.steps} frames in "
+                 f"{table.root}: the model stays untrained (use fewer --steps or longer videos)")
     use_gpu = raytrain.use_gpu(config.gpu, config.workers)
     session = raytrain.new_session()
     state = raytrain.fit(train_loop_per_worker, {**_loop_config(config, model_config, use_gpu), "session": session},

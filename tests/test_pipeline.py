@@ -56,3 +56,37 @@ def test_each_run_renders_its_own_overlay_and_keeps_the_others(ray_local, tmp_pa
     again = run("a", seed=1)
     assert not again.trained and {r["status"] for r in again.track.rows} == {"skipped"}
     assert again.overlays == first.overlays and storage.read_bytes(first.overlays[0]) == written
+
+
+def test_a_re_run_with_nothing_to_do_neither_starts_nor_joins_ray(ray_local, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    synthesize(data, SynthConfig(videos=2, frames=12, width=96, height=72, seed=5))
+    weights = str(tmp_path / "tiny.pt")
+    save_detector(build_detector("yolo-tiny", random_init=True, seed=2), weights)
+    train = TrainConfig(features_uri="", out_uri="", run="a", model=RoloConfig(feature_dim=1, steps=3, hidden_size=8,
+                        projection_size=8), window=WindowConfig(steps=3), epochs=1, batch_size=4, gpu="off")
+    track = TrackConfig(features_uri="", model_uri="", out_uri="", methods=("rolo", "yolo"), gpu="off")
+    first = run_pipeline(PipelineConfig(data_uri=data, out_uri=out, detector=DetectorSpec(weights=weights),
+                                        train=train, track=track), log=lambda line: None)
+
+    commands = [
+        ["extract", data, out, "--weights", weights],
+        ["track", first.extract.table_root, first.model_uri, out, "--run", "a"],
+        ["score", first.track.run_uri, data, out],
+        ["pipeline", data, out, "--weights", weights, "--run", "a"],
+    ]
+    # A dead cluster address: joining it, or starting a local Ray in its place, would fail the command.
+    script = ("import json, sys, ray; from rolo_batch import cli\n"
+              "codes = [cli.main(c) for c in json.loads(sys.argv[1])]\n"
+              "print('codes', codes, 'ray', ray.is_initialized())")
+    env = {**__import__("os").environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert "codes [0, 0, 0, 0] ray False" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.count("nothing to do") == 3, done.stdout
+    assert "already extracted" in done.stdout and "already tracked" in done.stdout
+    assert "reusing the scores" in done.stdout

@@ -230,5 +230,5 @@ def test_training_with_every_video_bad_says_so(ray_local, tmp_path):
     root = str(tmp_path / "features" / "synthetic-0000")
     _write_unit(root, "only", 60, 0)
     storage.write_bytes(storage.join(tables.unit_uri(root, "only"), tables.PART_FILE), b"not parquet")
-    with pytest.raises(InputError, match=r"no training windows \(only: .*not a readable Parquet file"):
+    with pytest.raises(InputError, match=r"no training windows: every video .* \(only: .*not a readable Parquet"):
         run_training(config(root, str(tmp_path), epochs=1))
