@@ -11,11 +11,14 @@ import signal
 import sys
 import textwrap
 import threading
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from rolo_batch import __version__
 from rolo_batch.console import format_table
 from rolo_batch.errors import ConfigError, InputError, RoloBatchError, StorageError
+
+if TYPE_CHECKING:
+    from rolo_batch.ray_output import RayLogFile
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -131,17 +134,41 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 # --- extract ---------------------------------------------------------------------------------------------
 
-def _connect(address: str | None) -> None:
-    """Connect to Ray (see ``runtime.ensure_ray``). Ray's own SIGTERM handler aborts the process, so ours,
-    which stops the job as Ctrl-C does, goes back in afterwards."""
+_ray_log: "RayLogFile | None" = None  # the log file of the command being run, closed by main()
+
+
+def _connect(args: argparse.Namespace) -> None:
+    """Connect to Ray (see ``runtime.ensure_ray``) and, unless ``--verbose``, send Ray's own output to a log file
+    under the output root (its path is printed). Ray's own SIGTERM handler aborts the process, so ours, which
+    stops the job as Ctrl-C does, goes back in afterwards."""
+    global _ray_log
+    from rolo_batch.ray_output import log_file_location, send_ray_output_to_file
     from rolo_batch.runtime import ensure_ray
 
-    ensure_ray(address)
+    if not args.verbose and _ray_log is None:
+        command = args.handler.__name__.removeprefix("_run_").replace("_", "-")
+        path, publish_uri = log_file_location(getattr(args, "out", None), command)
+        print(f"Ray's own output goes to {publish_uri or path} (--verbose shows it here)", file=sys.stderr)
+        _ray_log = send_ray_output_to_file(path, publish_uri)
+        ensure_ray(args.address)
+        _ray_log.take_worker_output()
+    else:
+        ensure_ray(args.address)
     _interrupt_on_sigterm()
+
+
+def _close_ray_log() -> None:
+    global _ray_log
+    if _ray_log is not None:
+        log, _ray_log = _ray_log, None
+        log.close()
 
 
 def _add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (its logs, workers' output, Ray Data's plans) here instead of in "
+                        "OUT_URI/logs/<command>-<time>.log")
 
 
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
@@ -216,7 +243,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         print(f"nothing to do: all {len(summary.results)} videos are already extracted (--overwrite redoes them)")
         print(f"features in {summary.table_root}")
         return 0
-    _connect(args.address)
+    _connect(args)
     summary = run_extraction(args.data, args.out, spec, options, videos=args.videos, actors=args.actors,
                              gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
     print(summary.table())
@@ -340,7 +367,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from rolo_batch.train import run_training
 
     config = _train_config(args, args.features, args.out)
-    _connect(args.address)
+    _connect(args)
     result = run_training(config)
     columns = ["epoch", "loss", "val_loss", "val_baseline_loss", "train_iou", "val_iou", "samples_per_s_per_worker"]
     print(format_table([{c: h[c] for c in columns} for h in result.history], columns))
@@ -416,7 +443,7 @@ def _run_track(args: argparse.Namespace) -> int:
               "(--overwrite redoes them)")
         print(f"tracks in {summary.run_uri}")
         return 0
-    _connect(args.address)
+    _connect(args)
     summary = run_tracking(config)
     print(summary.table())
     print(f"tracks written to {summary.run_uri}")
@@ -466,7 +493,7 @@ def _run_score(args: argparse.Namespace) -> int:
         print(f"nothing to do: the scores in {summary.run_uri} are from these tracks and settings "
               "(--overwrite scores again)")
     else:
-        _connect(args.address)
+        _connect(args)
         summary = run_scoring(config)
     print(summary.table())
     for problem in summary.problems:
@@ -592,7 +619,7 @@ def _run_train_detector(args: argparse.Namespace) -> int:
     config = _detector_train_config(args, args.data, args.out)
     result = finished_run(config)
     if result is None:
-        _connect(args.address)
+        _connect(args)
         result = run_detector_training(config)
     else:
         print(f"already trained: {result.run_uri} (delete it to train again)")
@@ -640,7 +667,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
                             extract=_extract_options(args), train=_train_config(args, "", args.out),
                             track=_track_config(args, "", "", args.out), protocol=args.protocol,
                             render=tuple(args.render) if args.render else None)
-    result = run_pipeline(config, connect=lambda: _connect(args.address))
+    result = run_pipeline(config, connect=lambda: _connect(args))
     _print_locations(result.locations())
     return 1 if result.failed else 0
 
@@ -681,7 +708,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = DemoConfig(out_uri=args.out, videos=args.videos, frames=args.frames, seed=args.seed,
                         detector_epochs=args.detector_epochs, rolo_epochs=args.rolo_epochs)
-    result = run_demo(config, connect=lambda: _connect(args.address))
+    result = run_demo(config, connect=lambda: _connect(args))
     print("\nstage times:")
     print(format_table([{"stage": k, "seconds": round(v, 1)} for k, v in result.seconds.items()]
                        + [{"stage": "total", "seconds": round(time.perf_counter() - started, 1)}]))
@@ -734,7 +761,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
                              warmup=args.warmup, videos_per_batch=args.videos_per_batch, stages=tuple(args.stages),
                              train_epochs=args.train_epochs,
                              gpu=args.gpu)
-    _connect(args.address)
+    _connect(args)
     report = run_benchmark(config)
     print(report.text())
     from rolo_batch import storage
@@ -841,6 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "run the same command again to complete the rest.", file=sys.stderr)
         return 130
     finally:
+        _close_ray_log()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 

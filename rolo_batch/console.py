@@ -108,10 +108,30 @@ class Progress:
         if extra is not None:
             self.extra = extra
         now = self.clock()
-        if now - self._last_print >= self.interval_s:
+        finished = bool(self.total) and self.done >= self.total  # ``close`` prints the last line
+        if now - self._last_print >= self.interval_s and not finished:
             self._last_print = now
-            print(self.line(), file=self.stream, flush=True)
+            self._write(self.line())
+
+    def set_done(self, done: int, extra: str | None = None) -> None:
+        """Like ``update``, with the absolute count (e.g. the epoch a resumed run reached)."""
+        self.update(done - self.done, extra)
 
     def close(self) -> None:
         elapsed = self.clock() - self.started
-        print(f"{self.line()} — done in {format_duration(elapsed)}", file=self.stream, flush=True)
+        self._write(f"{self.line()} — done in {format_duration(elapsed)}", final=True)
+
+    def _write(self, text: str, final: bool = False) -> None:
+        """A new line in a log; in a terminal, the same line redrawn (one line per stage)."""
+        if _is_terminal(self.stream):
+            end = "\n" if final else ""
+            print(f"\r{text}\033[K", end=end, file=self.stream, flush=True)
+        else:
+            print(text, file=self.stream, flush=True)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 
 from rolo_batch import splits, storage
-from rolo_batch.console import warn
+from rolo_batch.console import Progress, warn
 from rolo_batch.errors import ConfigError, InputError, StorageError
 
 if TYPE_CHECKING:
@@ -1185,8 +1185,12 @@ def run_detector_training(config: DetectorTrainConfig, log=print) -> DetectorTra
     loop = {**_loop_config(config, detector_config, use_gpu), "session": session,
             "train_frames": train_set.frames, "mean_box": [float(v) for v in mean_box],
             "init_config": init_config}
+    progress = Progress("train-detector", config.epochs, unit="epochs", interval_s=0) if log is not None else None
     state = raytrain.fit(train_loop_per_worker, loop, config.run_uri, workers=config.workers, gpu=use_gpu,
-                         max_failures=config.max_failures, datasets={"train": train_ds, "test": test_ds})
+                         max_failures=config.max_failures, datasets={"train": train_ds, "test": test_ds},
+                         on_epoch=progress and (lambda r: progress.set_done(int(r["epoch"]), _epoch_summary(r))))
+    if progress is not None:
+        progress.close()
     history = state["history"]
     net = det.YoloNet(detector_config)
     net.load_state_dict(state["model"])
@@ -1197,6 +1201,11 @@ def run_detector_training(config: DetectorTrainConfig, log=print) -> DetectorTra
     skipped.update(raytrain.read_failures(failures_uri))
     return DetectorTrainResult(config.run_uri, detector_uri, detector.detector_id, history,
                                raytrain.resumed_from_epoch(history, session), dict(sorted(skipped.items())))
+
+
+def _epoch_summary(record: Mapping[str, Any]) -> str:
+    held_out = "" if math.isnan(record["ap50"]) else f", held-out AP@0.5 {record['ap50']:.3f}"
+    return f"loss {record['train_loss']:.3f}, train IoU {record['train_iou']:.3f}{held_out}"
 
 
 # Settings that change how a run executes, not what it computes: a finished run is reused whatever they are.

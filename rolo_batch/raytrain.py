@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import uuid
 from typing import Any, Callable, Mapping
 
@@ -83,10 +84,13 @@ def load_state(path: str) -> dict:
 
 def report(record: Mapping[str, Any], state: Mapping[str, Any] | None = None) -> None:
     """Report one epoch's ``record``; with ``state`` (every worker passes it, or None on every worker), rank 0
-    also saves it as this epoch's checkpoint."""
+    also saves it as this epoch's checkpoint. Rank 0 also passes the record to the driver's progress line
+    (``fit(on_epoch=...)``) when the record names the driver's ``session``."""
     import ray.train
     import torch
 
+    if ray.train.get_context().get_world_rank() == 0 and "session" in record:
+        _send_progress(str(record["session"]), dict(record))
     if state is None:
         ray.train.report(dict(record))
         return
@@ -96,6 +100,33 @@ def report(record: Mapping[str, Any], state: Mapping[str, Any] | None = None) ->
             torch.save(dict(state), os.path.join(directory, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(dict(record), checkpoint=checkpoint)
+
+
+class EpochLog:
+    """A tiny Ray actor between the training workers and the driver: the epoch records rank 0 reported."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def since(self, count: int) -> list[dict]:
+        return self.records[count:]
+
+
+def _progress_actor_name(session: str) -> str:
+    return f"rolo-batch-epochs-{session}"
+
+
+def _send_progress(session: str, record: dict) -> None:
+    import ray
+
+    try:
+        actor = ray.get_actor(_progress_actor_name(session))
+    except ValueError:  # no driver listening (a run started without on_epoch)
+        return
+    actor.add.remote(record)
 
 
 # --- driver side -----------------------------------------------------------------------------------------
@@ -117,11 +148,50 @@ def new_session() -> str:
 
 def fit(train_loop: Callable[[dict], None], loop_config: Mapping[str, Any], run_uri: str, *, workers: int,
         gpu: bool, max_failures: int, datasets: Mapping[str, Any],
-        resources_per_worker: Mapping[str, float] | None = None, num_to_keep: int = 2) -> dict:
+        resources_per_worker: Mapping[str, float] | None = None, num_to_keep: int = 2,
+        on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Run ``train_loop`` on ``workers`` Ray Train workers (DDP; GPUs when ``gpu``) with Ray Data
     ``datasets`` split over them, checkpoints under ``<run_uri>/ray`` (a re-run with the same ``run_uri``
     resumes from the last one; ``max_failures`` worker-group restarts, each from the last checkpoint).
-    Returns the state dict of the final checkpoint; raises the training's error if it failed."""
+    ``on_epoch`` gets each epoch's record in the driver as rank 0 reports it (``loop_config["session"]``
+    names the run). Returns the state dict of the final checkpoint; raises the training's error if it failed."""
+    import ray
+
+    if on_epoch is None or "session" not in loop_config:
+        return _fit(train_loop, loop_config, run_uri, workers=workers, gpu=gpu, max_failures=max_failures,
+                    datasets=datasets, resources_per_worker=resources_per_worker, num_to_keep=num_to_keep)
+    log = ray.remote(num_cpus=0)(EpochLog).options(name=_progress_actor_name(str(loop_config["session"]))).remote()
+    stop = threading.Event()
+    seen = 0
+
+    def relay() -> None:
+        nonlocal seen
+        while True:
+            stopping = stop.wait(1.0)
+            try:
+                records = ray.get(log.since.remote(seen), timeout=30)
+            except Exception:  # noqa: BLE001  (progress is best effort; the fit reports real failures)
+                records = []
+            seen += len(records)
+            for record in records:
+                on_epoch(record)
+            if stopping:
+                return
+
+    thread = threading.Thread(target=relay, name="rolo-batch-epochs", daemon=True)
+    thread.start()
+    try:
+        return _fit(train_loop, loop_config, run_uri, workers=workers, gpu=gpu, max_failures=max_failures,
+                    datasets=datasets, resources_per_worker=resources_per_worker, num_to_keep=num_to_keep)
+    finally:
+        stop.set()
+        thread.join(timeout=35)
+        ray.kill(log)
+
+
+def _fit(train_loop: Callable[[dict], None], loop_config: Mapping[str, Any], run_uri: str, *, workers: int,
+         gpu: bool, max_failures: int, datasets: Mapping[str, Any],
+         resources_per_worker: Mapping[str, float] | None, num_to_keep: int) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from rolo_batch import contracts, datasets, storage, tables, trackers
-from rolo_batch.console import format_table
+from rolo_batch.console import Progress, format_table
 from rolo_batch.errors import ConfigError, InputError, RoloBatchError
 
 TRACKS_DIR = "tracks"
@@ -352,7 +352,10 @@ def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> Tra
             TrackBatch, fn_constructor_args=(config, run_info), batch_size=config.videos_per_batch,
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
             num_cpus=num_cpus_per_actor)
+        progress = Progress("track", len(todo), unit="videos", interval_s=5.0)
         for row in results.iter_rows():
             rows.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+            progress.update(1, extra=f"{sum(r['status'] == 'failed' for r in rows)} failed")
+        progress.close()
     rows.sort(key=lambda r: r["video"])
     return TrackSummary(config.run_uri, rows, time.perf_counter() - started)

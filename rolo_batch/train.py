@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from rolo_batch import raytrain, splits, storage, tables
-from rolo_batch.console import warn
+from rolo_batch.console import Progress, warn
 from rolo_batch.errors import ConfigError, InputError, StorageError
 from rolo_batch.rolo import RoloConfig
 from rolo_batch.windows import WindowConfig
@@ -351,14 +351,22 @@ def run_training(config: TrainConfig) -> TrainResult:
                  f"{table.root}: the model stays untrained (use fewer --steps or longer videos)")
     use_gpu = raytrain.use_gpu(config.gpu, config.workers)
     session = raytrain.new_session()
+    progress = Progress("train", config.epochs, unit="epochs", interval_s=0)
     state = raytrain.fit(train_loop_per_worker, {**_loop_config(config, model_config, use_gpu), "session": session},
                          config.run_uri, workers=config.workers, gpu=use_gpu, max_failures=config.max_failures,
-                         datasets={"train": train_ds, "val": val_ds})
+                         datasets={"train": train_ds, "val": val_ds},
+                         on_epoch=lambda r: progress.set_done(int(r["epoch"]), _epoch_summary(r)))
+    progress.close()
     history = state["history"]
     model_uri = _export(config, model_config, state, split.name, table)
     raytrain.write_metrics(config.run_uri, history, {"loss.png": _loss_plot(history)})
     return TrainResult(config.run_uri, model_uri, history, raytrain.resumed_from_epoch(history, session),
                        raytrain.read_failures(failures_uri))
+
+
+def _epoch_summary(record: Mapping[str, Any]) -> str:
+    return (f"loss {record['loss']:.3f}, val loss {record['val_loss']:.3f} (mean box "
+            f"{record['val_baseline_loss']:.3f}), val IoU {record['val_iou']:.3f}")
 
 
 def _loop_config(config: TrainConfig, model_config: RoloConfig, use_gpu: bool) -> dict:
