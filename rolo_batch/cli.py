@@ -505,16 +505,17 @@ def _run_score(args: argparse.Namespace) -> int:
 
 def _add_render(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "render", help="write an overlay video (mp4) of one tracked video",
+        "render", help="write an overlay video (WebM, plays in a browser) of one tracked video",
         description="Draw the ground truth (red), YOLO (blue), ROLO (green) and the other methods' boxes on the "
-                    "frames of VIDEO, and for the heatmap model its location map, into an mp4 at OUT_URI.",
-        epilog="example: rolo-batch render data/ out/tracks/rolo synth-003 out/synth-003.mp4")
+                    "frames of VIDEO, and for the heatmap model its location map, into a video at OUT_URI (VP8 "
+                    "in WebM, which browsers play; name it <name>.webm).",
+        epilog="example: rolo-batch render data/ out/tracks/rolo synth-003 out/synth-003.webm")
     p.add_argument("data", metavar="DATA_URI", help="the video collection")
     p.add_argument("tracks", metavar="TRACKS_URI", help="a tracking run (OUT_URI/tracks/<run>)")
     p.add_argument("video", metavar="VIDEO", help="which video")
-    p.add_argument("out", metavar="OUT_URI", help="the mp4 to write")
+    p.add_argument("out", metavar="OUT_URI", help="the video to write (<name>.webm)")
     p.add_argument("--methods", nargs="+", help="only these methods (default: all in the run)")
-    p.add_argument("--fps", type=float, default=30.0, help="frames per second of the mp4 (default: 30)")
+    p.add_argument("--fps", type=float, default=30.0, help="frames per second of the video (default: 30)")
     p.add_argument("--no-heatmap", action="store_true", help="do not draw the heatmap model's map")
     p.set_defaults(handler=_run_render)
 

@@ -2,9 +2,9 @@
 
 Each stage is the same library call its own command makes; this module only sequences them and decides what
 can be reused on a re-run: extraction and tracking skip videos already done (their own resume), training is
-skipped when the run's ``model.pt`` exists (delete it, or use another run name, to retrain), scoring is
-cheap and always redone, an overlay video (``OUT/overlays/<run>/<video>.mp4``) is rendered again only when
-its video was tracked again.
+skipped when the run's ``model.pt`` exists (delete it, or use another run name, to retrain), scoring runs
+again only when the tracks or its settings changed, and an overlay video (``OUT/overlays/<run>/<video>.webm``)
+is rendered again only when its video was tracked again. A re-run with nothing left to do starts no Ray.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class PipelineConfig:
     """Every stage's configuration. ``train`` and ``track`` carry placeholder URIs that ``run_pipeline``
-    fills in (features, model) from the earlier stages. ``render``: videos to write overlay mp4s of
+    fills in (features, model) from the earlier stages. ``render``: videos to write overlay videos of
     (default: the first video)."""
 
     data_uri: str
@@ -162,7 +162,7 @@ def _check_model_features(model_uri: str, run_uri: str, features_root: str) -> N
 
 def _render(config: PipelineConfig, tracks_uri: str, run: str, retracked: set[str], log: Log) -> list[str]:
     from rolo_batch import contracts
-    from rolo_batch.render import render_overlay
+    from rolo_batch.render import overlay_suffix, render_overlay
     from rolo_batch.track import load_heatmaps
 
     finished = tables.done_units(tracks_uri)
@@ -172,7 +172,7 @@ def _render(config: PipelineConfig, tracks_uri: str, run: str, retracked: set[st
         if name not in finished:
             log(f"render: {name} was not tracked; skipped")
             continue
-        out = storage.join(config.out_uri, "overlays", run, f"{name}.mp4")
+        out = storage.join(config.out_uri, "overlays", run, f"{name}{overlay_suffix()}")
         if name in retracked or not storage.is_file(out):
             video = datasets.open_video(datasets.discover(config.data_uri, names=[name]).videos[0])
             rows = tables.TrackRows.from_arrow(tables.read_parquet(finished[name], contracts.load("tracks")))

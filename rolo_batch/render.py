@@ -2,17 +2,28 @@
 paper (ground truth red, YOLO blue, ROLO green; other methods in other distinct colours), a small legend, the
 frame number, and optionally the heatmap model's location map blended over the frame.
 
-Writes an mp4 (OpenCV, fourcc ``mp4v``) to a local temporary file, then publishes it atomically at any
-``storage`` URI (local or ``s3://``).
+The video is written in a format browsers play in a ``<video>`` element: the first of ``BROWSER_FORMATS`` that
+OpenCV's bundled FFmpeg writes on this machine, probed once per process (``overlay_format``; the name of an
+overlay file ends with ``overlay_suffix()``). The PyPI OpenCV wheel has no H.264 or AV1 encoder but has
+libvpx, so VP8 in WebM comes first: VP9 plays in the same browsers and its files are hardly smaller, because
+OpenCV sets the bit rate from fps x width x height and passes FFmpeg no quality setting (the writer refuses
+``VIDEOWRITER_PROP_QUALITY``; an overlay costs about 1.2-1.4 bits per pixel and frame, some 14 MB for 300
+frames of 640x480), but it encodes four to six times slower. Where neither is available, overlays fall back to MPEG-4
+Part 2 in mp4 (``mp4v``: VLC plays it, browsers do not) with a warning. Every file is checked (container,
+codec, frame count, size) before it is published, atomically, at any ``storage`` URI (local or ``s3://``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import struct
 import tempfile
+import warnings
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -31,7 +42,6 @@ OTHER_COLOURS: tuple[Colour, ...] = (
     (0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 140, 255), (255, 255, 255),
     (180, 105, 255), (0, 0, 128), (128, 128, 0), (140, 180, 210), (128, 0, 128),
 )  # yellow, magenta, cyan, orange, white, pink, maroon, teal, tan, purple
-FOURCC = "mp4v"
 
 Heatmaps = Mapping[int, np.ndarray] | np.ndarray
 
@@ -126,18 +136,145 @@ def draw_frame_number(image: np.ndarray, number: int) -> None:
                 cv2.LINE_AA)
 
 
+# --- video formats ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VideoFormat:
+    """A codec in a container that OpenCV's FFmpeg writer may produce.
+
+    ``fourcc`` is what ``cv2.VideoWriter`` is asked for; ``suffix`` names the file (FFmpeg picks the muxer by
+    it); ``container`` is what the file's first bytes must say (``"webm"``: an EBML header with DocType webm;
+    ``"mp4"``: an ``ftyp`` box); ``read_fourccs`` are the codec tags ``cv2.VideoCapture`` may report reading it
+    back; ``browser``: Chromium-based browsers and Firefox play it in a ``<video>`` element.
+    """
+
+    name: str
+    fourcc: str
+    suffix: str
+    container: Literal["webm", "mp4"]
+    read_fourccs: tuple[str, ...]
+    browser: bool
+
+
+VP8_WEBM = VideoFormat("VP8 in WebM", "VP80", ".webm", "webm", ("VP80",), browser=True)
+VP9_WEBM = VideoFormat("VP9 in WebM", "VP90", ".webm", "webm", ("VP90",), browser=True)
+MPEG4_MP4 = VideoFormat("MPEG-4 Part 2 in mp4", "mp4v", ".mp4", "mp4", ("FMP4", "mp4v"), browser=False)
+# In order of preference; H.264 ('avc1') and AV1 would come first, but the PyPI wheel has no encoder for them.
+BROWSER_FORMATS: tuple[VideoFormat, ...] = (VP8_WEBM, VP9_WEBM)
+VIDEO_SUFFIXES = (".webm", ".mp4", ".m4v", ".mkv", ".avi", ".mov")
+_PROBE_WH, _PROBE_FRAMES = (64, 48), 6
+_EBML_MAGIC, _EBML_DOCTYPE = b"\x1a\x45\xdf\xa3", b"\x42\x82"
+
+
+def container_of(head: bytes) -> str | None:
+    """The container the first bytes of a file announce: ``"webm"`` or ``"matroska"`` (the EBML DocType),
+    ``"mp4"`` (an ``ftyp`` box at byte 4), or None."""
+    if head.startswith(_EBML_MAGIC):
+        at = head.find(_EBML_DOCTYPE, 4)
+        if at < 0 or at + 3 > len(head) or not head[at + 2] & 0x80:
+            return None
+        size = head[at + 2] & 0x7F  # a one-byte element size, as every muxer writes for the DocType
+        return head[at + 3:at + 3 + size].decode("ascii", "replace")
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    return None
+
+
+def check_video_file(path: str, video_format: VideoFormat, frames: int, size_wh: tuple[int, int]) -> list[str]:
+    """What is wrong with the video file at the local ``path``, which should hold ``frames`` frames of
+    ``size_wh`` (width, height) pixels in ``video_format``: its first bytes name another container, or
+    ``cv2.VideoCapture`` reads back another codec, frame count or size. An empty list when nothing is."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return ["no file was written"]
+    with open(path, "rb") as handle:
+        container = container_of(handle.read(64))
+    problems = [] if container == video_format.container else [
+        f"the file is {container or 'no known container'}, expected {video_format.container}"]
+    capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    try:
+        if not capture.isOpened():
+            return problems + ["OpenCV cannot open it again"]
+        fourcc = struct.pack("<I", int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).decode("latin-1")
+        if fourcc not in video_format.read_fourccs:
+            problems.append(f"it reads back as codec {fourcc!r}, expected {' or '.join(video_format.read_fourccs)}")
+        read_wh = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        if read_wh != tuple(size_wh):
+            problems.append(f"it reads back as {read_wh[0]}x{read_wh[1]}, expected {size_wh[0]}x{size_wh[1]}")
+        count = 0
+        while capture.grab():
+            count += 1
+    finally:
+        capture.release()
+    if count != frames:
+        problems.append(f"it reads back {count} frames, expected {frames}")
+    return problems
+
+
+def _open_writer(path: str, video_format: VideoFormat, fps: float, size_wh: tuple[int, int]) -> cv2.VideoWriter:
+    return cv2.VideoWriter(path, cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*video_format.fourcc), float(fps),
+                           tuple(size_wh))
+
+
+def probe_format(video_format: VideoFormat) -> list[str]:
+    """Write a tiny clip in ``video_format`` and check it (``check_video_file``): what went wrong, or an
+    empty list when this machine's OpenCV writes the format."""
+    width, height = _PROBE_WH
+    with tempfile.TemporaryDirectory(prefix="rolo-probe-") as tmp:
+        path = os.path.join(tmp, f"probe{video_format.suffix}")
+        writer = _open_writer(path, video_format, 30.0, _PROBE_WH)
+        if not writer.isOpened():
+            return [f"OpenCV's FFmpeg has no writer for {video_format.fourcc!r} in {video_format.suffix}"]
+        try:
+            for i in range(_PROBE_FRAMES):
+                image = np.zeros((height, width, 3), np.uint8)
+                cv2.rectangle(image, (4 + 6 * i, 8), (24 + 6 * i, 36), (0, 0, 255), -1)
+                writer.write(image)
+        finally:
+            writer.release()
+        return check_video_file(path, video_format, _PROBE_FRAMES, _PROBE_WH)
+
+
+@functools.cache
+def overlay_format() -> VideoFormat:
+    """The format overlays are written in by this process: the first of ``BROWSER_FORMATS`` that
+    ``probe_format`` accepts (decided once, on the first call). Without any, ``MPEG4_MP4`` with a
+    ``RuntimeWarning`` (the overlay still plays in VLC, not in a browser); ``RuntimeError`` if even that fails."""
+    tried = []
+    for candidate in BROWSER_FORMATS:
+        problems = probe_format(candidate)
+        if not problems:
+            return candidate
+        tried.append(f"{candidate.name}: {'; '.join(problems)}")
+    problems = probe_format(MPEG4_MP4)
+    if problems:
+        raise RuntimeError(f"OpenCV cannot write any overlay video format here ({'; '.join(tried)}; "
+                           f"{MPEG4_MP4.name}: {'; '.join(problems)})")
+    warnings.warn(f"overlays are written as {MPEG4_MP4.name}, which browsers do not play: OpenCV cannot write a "
+                  f"browser format here ({'; '.join(tried)})", RuntimeWarning, stacklevel=2)
+    return MPEG4_MP4
+
+
+def overlay_suffix() -> str:
+    """The file name suffix of the overlays this process writes (``".webm"`` where VP8 or VP9 is available)."""
+    return overlay_format().suffix
+
+
 def render_overlay(video: VideoSource, tracks: Mapping[str, TrackRows] | Sequence[TrackRows], out_uri: str,
                    heatmaps: Heatmaps | None = None, *, fps: float = 30.0, thickness: int | None = None,
                    heatmap_alpha: float = 0.5, legend: bool = True, start: int = 0,
-                   stop: int | None = None) -> int:
-    """Write an mp4 of ``video`` frames ``start`` to ``stop`` (0-based positions) with boxes drawn on; return
+                   stop: int | None = None, video_format: VideoFormat | None = None) -> int:
+    """Write a video of ``video`` frames ``start`` to ``stop`` (0-based positions) with boxes drawn on; return
     the number of frames written.
 
     ``tracks``: method -> ``TrackRows`` (or a list of them, keyed by their ``method``), boxes in xywh pixels,
     drawn on the frames whose number they carry. The ground truth (valid boxes only) is drawn last, on top.
     ``heatmaps``: frame number -> (h, w) map in 0-1, or an array (len(video), h, w) aligned to the frames;
     blended under the boxes with opacity ``heatmap_alpha * heat``. ``thickness``: box line width in pixels
-    (default scales with the frame size, at least 2). ``out_uri``: any storage URI; published atomically.
+    (default scales with the frame size, at least 2). ``video_format``: default ``overlay_format()``, a format
+    browsers play; name ``out_uri`` with its suffix (``overlay_suffix()``), as the format does not follow the
+    name (a warning says so when the name has another video suffix). ``out_uri``: any storage URI, published
+    atomically once the file is checked (``check_video_file``). A frame of odd width or height gets one black
+    column or row more (OpenCV's FFmpeg writer needs even sizes).
     """
     if fps <= 0 or not 0 <= heatmap_alpha <= 1:
         raise ConfigError(f"render_overlay needs fps > 0 and 0 <= heatmap_alpha <= 1, got {fps}, {heatmap_alpha}")
@@ -152,11 +289,17 @@ def render_overlay(video: VideoSource, tracks: Mapping[str, TrackRows] | Sequenc
     stop = len(video) if stop is None else min(stop, len(video))
     if not 0 <= start < stop:
         raise InputError(f"no frames to render in positions {start}..{stop} of {len(video)}", video=video.name)
+    video_format = video_format or overlay_format()
+    suffix = os.path.splitext(storage.basename(out_uri))[1].lower()
+    if suffix in VIDEO_SUFFIXES and suffix != video_format.suffix:
+        warnings.warn(f"{out_uri}: the overlay is {video_format.name}; name it *{video_format.suffix}",
+                      RuntimeWarning, stacklevel=2)
+    padded_wh = (width + width % 2, height + height % 2)
     with tempfile.TemporaryDirectory(prefix="rolo-render-") as tmp:
-        path = os.path.join(tmp, "overlay.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*FOURCC), float(fps), (width, height))
+        path = os.path.join(tmp, f"overlay{video_format.suffix}")
+        writer = _open_writer(path, video_format, fps, padded_wh)
         if not writer.isOpened():
-            raise RuntimeError(f"OpenCV cannot write mp4 ({FOURCC}) here")
+            raise RuntimeError(f"OpenCV cannot write {video_format.name} ({video_format.fourcc}) here")
         written = 0
         try:
             for frame in video.iter_frames(start, stop):
@@ -174,10 +317,17 @@ def render_overlay(video: VideoSource, tracks: Mapping[str, TrackRows] | Sequenc
                         draw_box(image, boxes[method][frame.number], colours[method], line)
                 if gt.valid[frame.index]:
                     draw_box(image, gt.boxes_xywh_px[frame.index], GROUND_TRUTH_COLOUR, line)
+                if padded_wh != (width, height):
+                    image = cv2.copyMakeBorder(image, 0, padded_wh[1] - height, 0, padded_wh[0] - width,
+                                               cv2.BORDER_CONSTANT, value=(0, 0, 0))
                 writer.write(image)
                 written += 1
         finally:
             writer.release()
+        problems = check_video_file(path, video_format, written, padded_wh)
+        if problems:
+            raise RuntimeError(f"the overlay of {video.name} written as {video_format.name} is broken: "
+                               f"{'; '.join(problems)}")
         _publish(path, out_uri)
     return written
 

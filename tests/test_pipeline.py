@@ -11,6 +11,7 @@ from rolo_batch.detector import build_detector, save_detector
 from rolo_batch.errors import ConfigError
 from rolo_batch.extract import DetectorSpec, ExtractOptions
 from rolo_batch.pipeline import PipelineConfig, run_pipeline
+from rolo_batch.render import overlay_suffix
 from rolo_batch.rolo import RoloConfig, build_model, export_model
 from rolo_batch.track import TrackConfig
 from rolo_batch.train import TrainConfig
@@ -48,10 +49,10 @@ def test_each_run_renders_its_own_overlay_and_keeps_the_others(ray_local, tmp_pa
         return run_pipeline(config, log=lambda line: None)
 
     first = run("a", seed=1)
-    assert first.overlays == [storage.join(out, "overlays", "a", "synth-001.mp4")]
+    assert first.overlays == [storage.join(out, "overlays", "a", f"synth-001{overlay_suffix()}")]
     written = storage.read_bytes(first.overlays[0])
     second = run("b", seed=2)
-    assert second.overlays == [storage.join(out, "overlays", "b", "synth-001.mp4")]
+    assert second.overlays == [storage.join(out, "overlays", "b", f"synth-001{overlay_suffix()}")]
     assert storage.read_bytes(first.overlays[0]) == written  # the other run's overlay is left as it was
     again = run("a", seed=1)
     assert not again.trained and {r["status"] for r in again.track.rows} == {"skipped"}

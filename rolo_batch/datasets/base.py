@@ -1,4 +1,12 @@
-"""What every video source offers, whatever it is stored as: frames in order, and ground truth aligned to them."""
+"""What every video source offers, whatever it is stored as: frames in order, and ground truth aligned to them.
+
+The frame contract: every ``VideoSource`` yields each frame as an ``(H, W, 3)`` uint8 array in BGR order (what
+OpenCV draws on and what the detector, the trackers and the overlays take), whatever the file holds: grey
+(OTB's Car4 and Suv are single-channel JPEGs), grey + alpha, BGRA, 16-bit PNG, or a grey video stream. Where
+frames are decoded (``images.decode_image`` for image files, ``VideoFile.read_frame`` for video files), they go
+through ``images.to_bgr``, which converts those and raises ``InputError`` naming the video and the file (and
+frame) for a frame that cannot be made BGR. Stages downstream rely on the contract and do not convert again.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ class VideoRef:
 @dataclass(frozen=True)
 class Frame:
     """One decoded frame: ``index`` is its 0-based position, ``number`` its 1-based OTB frame number;
-    ``image`` is ``(H, W, 3)`` uint8 BGR."""
+    ``image`` is ``(H, W, 3)`` uint8 BGR (the frame contract, see the module docstring)."""
 
     index: int
     number: int
@@ -62,7 +70,9 @@ class Alignment:
 
 
 class VideoSource(abc.ABC):
-    """A video: ``len()`` frames with OTB frame numbers, random access and streaming, and aligned ground truth."""
+    """A video: ``len()`` frames with OTB frame numbers, random access and streaming, and aligned ground truth.
+
+    Frames keep the frame contract of this module: ``(H, W, 3)`` uint8 BGR whatever the file holds."""
 
     ref: VideoRef
 
@@ -87,7 +97,8 @@ class VideoSource(abc.ABC):
 
     @abc.abstractmethod
     def read_frame(self, index: int) -> np.ndarray:
-        """The frame at 0-based position ``index`` as ``(H, W, 3)`` uint8 BGR; ``InputError`` if undecodable."""
+        """The frame at 0-based position ``index`` as ``(H, W, 3)`` uint8 BGR (through ``images.to_bgr``);
+        ``InputError`` if it cannot be decoded or made BGR."""
 
     def __len__(self) -> int:
         return len(self.frame_numbers)

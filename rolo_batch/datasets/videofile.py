@@ -18,6 +18,7 @@ import numpy as np
 from rolo_batch import storage
 from rolo_batch.datasets.base import Alignment, VideoRef, VideoSource, align_groundtruth
 from rolo_batch.datasets.groundtruth import GroundTruth, parse_groundtruth
+from rolo_batch.datasets.images import to_bgr
 from rolo_batch.errors import InputError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
@@ -118,7 +119,7 @@ class VideoFile(VideoSource):
             self.close()
             raise InputError(f"frame {index + 1} cannot be decoded", video=self.name, path=self.ref.uri)
         self._next_index = index + 1
-        return image
+        return to_bgr(image, video=self.name, path=self.ref.uri, frame=index + 1)
 
     def close(self) -> None:
         """Release the decoder (a later read reopens it)."""
