@@ -1127,7 +1127,15 @@ class DetectorTrainResult:
 
 def run_detector_training(config: DetectorTrainConfig, log=print) -> DetectorTrainResult:
     """Train the detector on the connected Ray cluster (see the module docstring); resumes an interrupted
-    run of the same name. ``log`` receives one-line progress messages (None: silent)."""
+    run of the same name. ``log`` receives one-line progress messages (None: silent). The same seed, worker
+    count and threads per worker give the same detector (``raytrain.ordered_data``)."""
+    from rolo_batch import raytrain
+
+    with raytrain.ordered_data():
+        return _run_detector_training(config, log)
+
+
+def _run_detector_training(config: DetectorTrainConfig, log) -> DetectorTrainResult:
     from rolo_batch import datasets, raytrain
     from rolo_batch import detector as det
 

@@ -18,12 +18,13 @@ optimizer, epoch, history, ...), only ever loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from rolo_batch import storage
 
@@ -138,6 +139,23 @@ def use_gpu(gpu: str, workers: int) -> bool:
     if gpu == "auto":
         return cluster_resources().gpus >= workers
     return gpu == "on"
+
+
+@contextlib.contextmanager
+def ordered_data() -> Iterator[None]:
+    """Ray Data keeps block order while the datasets of a training run are built and iterated
+    (``preserve_order``): the shuffle buffer then sees the same rows in the same order every time, so that a
+    seeded run repeats exactly for the same seed and worker count (without it, blocks arrive in whatever order
+    the tasks finish, and epoch 2 of two identical runs already differs)."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    previous = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = previous
 
 
 def new_session() -> str:

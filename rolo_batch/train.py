@@ -320,7 +320,13 @@ def _resolve_split(config: TrainConfig) -> splits.Split:
 
 
 def run_training(config: TrainConfig) -> TrainResult:
-    """Train ROLO on the connected Ray cluster (see the module docstring); resumes an interrupted run."""
+    """Train ROLO on the connected Ray cluster (see the module docstring); resumes an interrupted run. The same
+    seed and worker count give the same model (``raytrain.ordered_data``)."""
+    with raytrain.ordered_data():
+        return _run_training(config)
+
+
+def _run_training(config: TrainConfig) -> TrainResult:
     table = tables.FeaturesTable.open(config.features_uri, list(config.videos) if config.videos else None)
     model_config = dataclasses.replace(config.model, feature_dim=table.feature_dim, detector_id=table.detector_id,
                                        feature_shape=table.feature_shape)

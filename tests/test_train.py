@@ -232,3 +232,13 @@ def test_training_with_every_video_bad_says_so(ray_local, tmp_path):
     storage.write_bytes(storage.join(tables.unit_uri(root, "only"), tables.PART_FILE), b"not parquet")
     with pytest.raises(InputError, match=r"no training windows: every video .* \(only: .*not a readable Parquet"):
         run_training(config(root, str(tmp_path), epochs=1))
+
+
+def test_a_seeded_run_repeats_exactly(ray_local, tmp_path, features):
+    # two runs, same seed and workers, augmentation on: the same losses every epoch and the same weights
+    runs = [run_training(config(features, str(tmp_path), run=name, epochs=2, detection_jitter=0.1,
+                                detection_drop=0.1, checkpoint_every=100)) for name in ("a", "b")]
+    learned = [[(h["loss"], h["val_loss"], h["val_iou"]) for h in r.history] for r in runs]
+    assert learned[0] == learned[1]
+    weights = [load_model(r.model_uri)[0].state_dict() for r in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
