@@ -12,6 +12,13 @@ Ray, the client sends a token only when ``RAY_AUTH_MODE=token`` is set, and take
 ``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``. A missing or rejected token is
 a ``ConfigError`` that says what to set; the token's value never appears in output.
 
+**A head without a job agent.** The job server hands each job to the head's job agent. While the head is still
+starting, or when its agent could not start (e.g. another Ray on that machine holds the agent's port), it
+answers ``500 No available agent to submit job``. Nothing was wrong with the request, so ``submit`` retries it
+(with the same submission id, so a retry never makes a second job) for up to ``agent_wait_s``, saying once what
+it waits for, then raises ``ClusterUnavailableError`` with the likely causes and where the head's logs are.
+Every other refusal (bad address, token, a 4xx, a reused submission id) is a ``ConfigError`` at once.
+
 **What a job runs and ships.** The entrypoint is ``python -m rolo_batch.cli <stage> <args>``, so every stage
 (also one without a ``jobs/`` script) runs exactly as it does locally. The code travels in one of three ways:
 
@@ -38,9 +45,11 @@ import contextlib
 import io
 import logging
 import os
+import random
 import re
 import shlex
 import shutil
+import string
 import sys
 import tempfile
 import time
@@ -67,6 +76,15 @@ ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 EXIT_SUCCEEDED = 0
 EXIT_JOB_FAILED = 1
 EXIT_STILL_RUNNING = 3
+EXIT_CLUSTER_UNAVAILABLE = 4
+
+DEFAULT_AGENT_WAIT_S = 60.0
+_NO_AGENT = "No available agent to submit job"  # Ray 2.60's job server, when the head has no job agent
+_AGENT_RETRY_S = (0.5, 5.0)  # first and longest pause between tries while waiting for the job agent
+_HEAD_LOGS = "/tmp/ray/session_latest/logs"  # on the head node, unless it was started with --temp-dir
+_SDK_LOGGER = "ray.dashboard.modules.dashboard_sdk"  # Ray's job client: logs the working_dir check of each try
+# Ray's own form of a submission id (ray.dashboard.modules.job.job_manager.generate_job_id)
+_ID_CHARACTERS = "".join(sorted(set(string.ascii_letters + string.digits) - set("IloO0")))
 
 SHIP_SOURCE, SHIP_PACKAGE, SHIP_INSTALLED = "source", "package", "installed"
 SHIP_MODES = (SHIP_SOURCE, SHIP_PACKAGE, SHIP_INSTALLED)
@@ -98,6 +116,27 @@ class JobWaitTimeout(RoloBatchError):
 
     def __reduce__(self):
         return (type(self), (self.job_id, self.status, self.waited_s))
+
+
+class ClusterUnavailableError(RoloBatchError):
+    """The job server answers but its head has no job agent to run a job, and none came up in time. Not a
+    configuration error: the same command works once the head is healthy. Nothing was submitted."""
+
+    def __init__(self, address: str, waited_s: float, submission_id: str) -> None:
+        self.address = address
+        self.waited_s = waited_s
+        self.submission_id = submission_id
+        super().__init__(
+            f"the Ray head behind {address} still had no job agent after {format_duration(waited_s)} (its job "
+            f"server answers '{_NO_AGENT}'); nothing was submitted (submission id {submission_id}). Likely "
+            f"causes: the head is still starting (try again in a minute, or give --agent-wait more seconds), or "
+            f"its dashboard agent failed to start, e.g. because another Ray on the head machine already holds the "
+            f"agent's port (52365 unless `ray start --dashboard-agent-listen-port` says otherwise). The head's "
+            f"logs say which: on the head node, {_HEAD_LOGS}/dashboard_agent.log and dashboard.log (under "
+            f"<temp dir>/session_latest/logs if the head was started with --temp-dir)")
+
+    def __reduce__(self):
+        return (type(self), (self.address, self.waited_s, self.submission_id))
 
 
 # --- address and token -----------------------------------------------------------------------------------
@@ -205,7 +244,17 @@ def _translated_errors(address: str, token: AuthToken | None) -> Iterator[None]:
                           f"and is this its dashboard address (http://<head-node>:8265)? Set --address or "
                           f"RAY_ADDRESS") from None
     except RuntimeError as exc:
-        raise ConfigError(f"the Ray job server at {address} refused the request: {_first_line(str(exc))}") from None
+        raise ConfigError(f"the Ray job server at {address} refused the request: {_refusal(str(exc))}") from None
+
+
+@contextlib.contextmanager
+def _logger_level_restored(name: str) -> Iterator[logging.Logger]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    try:
+        yield logger
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -217,6 +266,16 @@ def _address_env_hidden() -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
+
+
+def _refusal(text: str) -> str:
+    """The gist of the job client's ``Request failed with status code N: <body>.``: its first line, or, when the
+    body is the server's traceback, the status and the traceback's last line (the exception)."""
+    first = _first_line(text)
+    if "Traceback (most recent call last)" not in text:
+        return first
+    meaningful = [line.strip() for line in text.splitlines() if line.strip(" .")]
+    return f"{first.split('Traceback')[0].rstrip()} {meaningful[-1]}"
 
 
 def _first_line(text: str) -> str:
@@ -256,12 +315,40 @@ class JobCluster:
 
     def submit(self, *, entrypoint: str, runtime_env: dict[str, Any], metadata: dict[str, str],
                submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
-               entrypoint_num_gpus: float | None = None) -> str:
-        """Submit one job; returns its submission id."""
-        with self._calls():
-            return self._client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata,
-                                           submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
-                                           entrypoint_num_gpus=entrypoint_num_gpus)
+               entrypoint_num_gpus: float | None = None, agent_wait_s: float = DEFAULT_AGENT_WAIT_S,
+               log: TextIO | None = None) -> str:
+        """Submit one job; returns its submission id (``submission_id``, else a new one in Ray's form).
+
+        While the head has no job agent, retries for up to ``agent_wait_s`` seconds (one line on ``log``, stderr
+        by default, says so), then raises ``ClusterUnavailableError``. Each try can take the head up to 10 s
+        of its own waiting. A longer wait rides out a head that is still starting; 0 fails on the first answer.
+        """
+        submission_id = submission_id or new_submission_id()
+        deadline = _Deadline(agent_wait_s)
+        pause_s, longest_pause_s = _AGENT_RETRY_S
+        tries = 0
+        with self._calls(), _logger_level_restored(_SDK_LOGGER) as sdk_logger:
+            while True:
+                tries += 1
+                try:
+                    return self._client.submit_job(
+                        entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata,
+                        submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+                        entrypoint_num_gpus=entrypoint_num_gpus)
+                except RuntimeError as exc:
+                    if tries > 1 and f"Job with submission_id {submission_id} already exists" in str(exc):
+                        return submission_id  # an earlier try reached the agent after all: that job is ours
+                    if _NO_AGENT not in str(exc):
+                        raise
+                if deadline.passed():
+                    raise ClusterUnavailableError(self.address, deadline.elapsed(), submission_id)
+                if tries == 1:
+                    print(f"rolo-batch: waiting for the Ray head's job agent at {self.address} (up to "
+                          f"{format_duration(agent_wait_s)}): its job server answers '{_NO_AGENT}'",
+                          file=log or sys.stderr, flush=True)
+                    sdk_logger.setLevel(logging.WARNING)  # each retry's "Package ... already exists" line
+                time.sleep(min(pause_s, deadline.remaining()))
+                pause_s = min(2 * pause_s, longest_pause_s)
 
     def info(self, job_id: str) -> "JobDetails":
         """The job's details (status, entrypoint, times, message, metadata, runtime_env)."""
@@ -363,6 +450,12 @@ async def _tail_logs(client: "JobSubmissionClient", job_id: str, out: TextIO, pr
             printed.write(chunk, out)
 
     await asyncio.wait_for(consume(), deadline.remaining())
+
+
+def new_submission_id() -> str:
+    """A new job id of the form Ray gives one (``raysubmit_`` and 16 letters and digits), chosen before the
+    first try so that every retry names the same job."""
+    return "raysubmit_" + "".join(random.SystemRandom().choices(_ID_CHARACTERS, k=16))
 
 
 def job_exit_code(details: "JobDetails") -> int:
@@ -503,7 +596,8 @@ class SubmitConfig:
     ``ship``: ``source`` sends this checkout (or ``project_dir``) as the working_dir, ``package`` installs
     ``rolo-batch==package_version`` with pip on the cluster, ``installed`` sends nothing. ``with_deps`` (source
     only) also pip-installs the pinned dependencies, for clusters running a stock Ray image. ``env`` holds the
-    variables passed to the job; its values are secrets as far as this module is concerned.
+    variables passed to the job; its values are secrets as far as this module is concerned. ``agent_wait_s``:
+    how long to wait for a head that has no job agent yet (see ``JobCluster.submit``).
     """
 
     stage: str
@@ -516,6 +610,7 @@ class SubmitConfig:
     submission_id: str | None = None
     entrypoint_num_cpus: float | None = None
     entrypoint_num_gpus: float | None = None
+    agent_wait_s: float = DEFAULT_AGENT_WAIT_S
 
     def __post_init__(self) -> None:
         if not self.stage or self.stage.startswith("-"):
@@ -535,6 +630,8 @@ class SubmitConfig:
                              ("entrypoint GPUs", self.entrypoint_num_gpus)):
             if value is not None and value < 0:
                 raise ConfigError(f"{label} must be >= 0, got {value}")
+        if not self.agent_wait_s >= 0:
+            raise ConfigError(f"the wait for the job agent must be >= 0 seconds, got {self.agent_wait_s}")
 
     @property
     def entrypoint(self) -> str:
@@ -604,7 +701,8 @@ def submit_stage(cluster: JobCluster, config: SubmitConfig, log: TextIO | None =
         print(f"rolo-batch: submitting '{config.stage}' to {cluster.address}: {shipping}", file=log, flush=True)
         return cluster.submit(entrypoint=config.entrypoint, runtime_env=runtime_env, metadata=config.metadata,
                               submission_id=config.submission_id, entrypoint_num_cpus=config.entrypoint_num_cpus,
-                              entrypoint_num_gpus=config.entrypoint_num_gpus)
+                              entrypoint_num_gpus=config.entrypoint_num_gpus, agent_wait_s=config.agent_wait_s,
+                              log=log)
 
 
 def _describe_shipping(config: SubmitConfig, runtime_env: Mapping[str, Any]) -> str:
@@ -682,7 +780,9 @@ what runs: python -m rolo_batch.cli <stage> <args...> in the job, with the code 
 or data), or installed by pip (--package-version), or already on the cluster (--installed).
 
 exit status with --wait: 0 job SUCCEEDED, 1 job FAILED or STOPPED, 2 configuration error (nothing
-submitted, or the cluster unreachable), {EXIT_STILL_RUNNING} still running when --timeout ran out.
+submitted, or the cluster unreachable), {EXIT_STILL_RUNNING} still running when --timeout ran out; with or
+without --wait, {EXIT_CLUSTER_UNAVAILABLE} when the head had no job agent within --agent-wait (nothing submitted;
+the message says what to check on the head).
 
 {_AUTH_EPILOG}"""
 
@@ -711,7 +811,12 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="pass a variable to the job, from this environment or as given (repeatable); values "
                         "are never printed. Nothing is passed unless named, e.g. --env AWS_ENDPOINT_URL")
-    p.add_argument("--submission-id", metavar="ID", help="the job's id (default: generated by Ray)")
+    p.add_argument("--submission-id", metavar="ID",
+                   help="the job's id (default: a new one in Ray's form, raysubmit_...)")
+    p.add_argument("--agent-wait", type=_non_negative_float, default=DEFAULT_AGENT_WAIT_S, metavar="SECONDS",
+                   help="how long to keep trying while the head has no job agent yet (still starting, or its "
+                        f"agent failed), before giving up with exit {EXIT_CLUSTER_UNAVAILABLE} "
+                        f"(default: {DEFAULT_AGENT_WAIT_S:.0f})")
     p.add_argument("--entrypoint-num-cpus", type=_non_negative_float, metavar="N",
                    help="CPUs reserved for the stage's driver process (default: 0)")
     p.add_argument("--entrypoint-num-gpus", type=_non_negative_float, metavar="N",
@@ -732,7 +837,8 @@ def _submit_config(args: argparse.Namespace) -> SubmitConfig:
     return SubmitConfig(stage=command[0], args=tuple(command[1:]), ship=ship, project_dir=project_dir,
                         package_version=args.package_version, with_deps=args.with_deps,
                         env=parse_env_flags(args.env), submission_id=args.submission_id,
-                        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus)
+                        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
+                        agent_wait_s=args.agent_wait)
 
 
 def _run_submit(args: argparse.Namespace) -> int:
@@ -740,7 +846,11 @@ def _run_submit(args: argparse.Namespace) -> int:
     if config.ship == SHIP_SOURCE:  # the local CLI is the shipped one: check the command before connecting
         check_stage_command(config.stage, config.args)
     cluster = JobCluster.connect(args.address)
-    job_id = submit_stage(cluster, config)
+    try:
+        job_id = submit_stage(cluster, config)
+    except ClusterUnavailableError as exc:
+        print(f"rolo-batch: cluster unavailable: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER_UNAVAILABLE
     if not args.wait:
         print(job_id)
         print(f"rolo-batch: submitted job {job_id}; follow it: rolo-batch jobs logs --follow {job_id}",

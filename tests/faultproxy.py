@@ -1,5 +1,6 @@
-"""A small fault-injecting HTTP proxy on loopback, in front of the S3 server: it forwards every request, except
-those its plan says to answer with an error status or to drop (close the connection without answering)."""
+"""A small fault-injecting HTTP proxy on loopback, in front of the S3 server or a Ray job server: it forwards every
+request, except those its plan says to answer with an error status or to drop (close the connection without
+answering). A plan can aim at one endpoint only (``only``) and answer with a given body (e.g. Ray's own text)."""
 
 from __future__ import annotations
 
@@ -19,21 +20,35 @@ _ERROR_BODY = {
 @dataclass
 class FaultPlan:
     """What the proxy does: the next ``fail`` requests get ``status``; the next ``drop`` connections are cut;
-    with ``every`` > 0, every ``every``-th request gets ``status``; ``always`` answers everything with it."""
+    with ``every`` > 0, every ``every``-th request gets ``status``; ``always`` answers everything with it.
+
+    ``only`` (``"POST /api/jobs/"``) limits all of that to the requests of one method and path; the others are
+    forwarded and not counted. ``body`` is the fault's text (plain text, as Ray's job server answers), instead
+    of an S3 error document. ``forward_first`` sends a failed request upstream before answering with the fault:
+    the server acted, the client hears a failure. ``seen`` holds the bodies of the requests the plan applied to.
+    """
 
     status: int = 503
     fail: int = 0
     drop: int = 0
     every: int = 0
     always: bool = False
+    only: str | None = None
+    body: str | None = None
+    forward_first: bool = False
     requests: int = 0
     failed: int = 0
     dropped: int = 0
+    seen: list[bytes] = field(default_factory=list, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def decide(self) -> str:
+    def applies_to(self, method: str, path: str) -> bool:
+        return self.only is None or f"{method} {path}" == self.only
+
+    def decide(self, body: bytes = b"") -> str:
         with self.lock:
             self.requests += 1
+            self.seen.append(body)
             if self.drop > 0:
                 self.drop -= 1
                 self.dropped += 1
@@ -61,14 +76,20 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                action = proxy.plan.decide()
+                plan = proxy.plan
+                action = plan.decide(body) if plan.applies_to(self.command, self.path) else "forward"
                 if action == "drop":
                     self.close_connection = True
                     self.connection.close()
                     return
                 if action == "fail":
-                    self._error(proxy.plan.status)
+                    if plan.forward_first:
+                        self._forward(body, answer=False)
+                    self._error(plan.status, plan.body)
                     return
+                self._forward(body, answer=True)
+
+            def _forward(self, body: bytes, answer: bool) -> None:
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 try:
                     headers = [(k, v) for k, v in self.headers.items() if k.lower() not in ("connection", "expect")]
@@ -80,6 +101,8 @@ class FaultProxy:
                         upstream.send(body)
                     reply = upstream.getresponse()
                     data = reply.read()
+                    if not answer:
+                        return
                     self.send_response(reply.status, reply.reason)
                     for key, value in reply.getheaders():
                         if key.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -113,12 +136,16 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(length) if length else b""
 
-            def _error(self, status: int) -> None:
-                code, message = _ERROR_BODY.get(status, ("Error", "error"))
-                data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                        f"<Message>{message}</Message><RequestId>fault-proxy</RequestId></Error>").encode()
+            def _error(self, status: int, text: str | None) -> None:
+                if text is not None:
+                    data, content_type = text.encode(), "text/plain; charset=utf-8"
+                else:
+                    code, message = _ERROR_BODY.get(status, ("Error", "error"))
+                    data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                            f"<Message>{message}</Message><RequestId>fault-proxy</RequestId></Error>").encode()
+                    content_type = "application/xml"
                 self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":

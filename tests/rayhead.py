@@ -26,9 +26,10 @@ DEAD_ADDRESS = "http://127.0.0.1:9"  # loopback discard port: nothing listens
 
 @dataclass(frozen=True)
 class RayHead:
-    address: str
+    address: str  # the job server (dashboard)
     token_path: Path
     pid: int
+    gcs_address: str  # what `ray.init(address=...)` takes
 
     def token(self) -> str:
         return self.token_path.read_text().strip()
@@ -109,10 +110,10 @@ def ray_head() -> RayHead:
     token_path = root / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     token_path.chmod(0o600)
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(dashboard_port), "--port", str(free_port()),
+               "--dashboard-port", str(dashboard_port), "--port", str(gcs_port),
                "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
                "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 1024 ** 2),
                "--temp-dir", str(root / "ray"), "--disable-usage-stats"]
@@ -123,7 +124,7 @@ def ray_head() -> RayHead:
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_until_ready(proc, address, token_path.read_text(), log)
-        yield RayHead(address=address, token_path=token_path, pid=proc.pid)
+        yield RayHead(address=address, token_path=token_path, pid=proc.pid, gcs_address=f"127.0.0.1:{gcs_port}")
     finally:
         _stop_head(proc)
         shutil.rmtree(root, ignore_errors=True)

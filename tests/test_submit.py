@@ -7,8 +7,10 @@ test session (the embedded `ray.init()` one) keeps running. Unit tests of the pi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -27,14 +29,17 @@ import pytest
 from rolo_batch import __version__, cli
 from rolo_batch.errors import ConfigError
 from rolo_batch.submit import (
+    EXIT_CLUSTER_UNAVAILABLE,
     EXIT_STILL_RUNNING,
     PACKAGE_DIR_OVERLAYS,
+    ClusterUnavailableError,
     JobCluster,
     SubmitConfig,
     add_job_commands,
     build_runtime_env,
     entrypoint_command,
     find_auth_token,
+    new_submission_id,
     parse_env_flags,
     pinned_dependencies,
     redact_runtime_env,
@@ -43,10 +48,14 @@ from rolo_batch.submit import (
     write_code_archive,
 )
 from tests.conftest import REPO_ROOT
+from tests.faultproxy import FaultPlan, FaultProxy
 from tests.ports import free_port
 from tests.rayhead import DEAD_ADDRESS, _session_pids, head_nodes
 
 JOB_TIMEOUT_S = "120"  # a --timeout for every wait: a broken job must fail the test, not hang it
+# What Ray 2.60's job server answers (500) while its head has no job agent (ray/dashboard/modules/job/job_head.py)
+NO_AGENT_BODY = "No available agent to submit job, please try again later."
+SUBMIT_ENDPOINT = "POST /api/jobs/"
 
 
 def run_cli(*argv: str) -> int:
@@ -230,6 +239,79 @@ def test_the_job_runs_the_shipped_package_and_jobs_scripts_import_it(cluster_env
     assert "usage: rolo-batch" in logs and "ModuleNotFoundError" not in logs
 
 
+# --- a head without a job agent: a fault server in front of the real head ---------------------------------
+
+def test_the_no_agent_answer_is_rays_own():
+    job_head = Path(importlib.util.find_spec("ray").origin).parent / "dashboard" / "modules" / "job" / "job_head.py"
+    assert f'text="{NO_AGENT_BODY}"' in job_head.read_text()
+
+
+def _submitted_ids(plan: FaultPlan) -> set[str]:
+    return {json.loads(body)["submission_id"] for body in plan.seen}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("plan", [
+    FaultPlan(status=500, fail=2, only=SUBMIT_ENDPOINT, body=NO_AGENT_BODY),
+    FaultPlan(status=500, fail=1, only=SUBMIT_ENDPOINT, body=NO_AGENT_BODY, forward_first=True),
+], ids=["head-still-starting", "answer-lost-after-the-agent-took-it"])
+def test_submit_waits_for_the_job_agent_and_makes_one_job(cluster_env, plan, capsys):
+    with FaultProxy(cluster_env.address, plan) as proxy:
+        code = run_cli("submit", "--address", proxy.url, "--", "schema", "tracks")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    job_id = captured.out.strip()
+    waiting = [line for line in captured.err.splitlines() if "waiting for" in line]
+    assert waiting == [f"rolo-batch: waiting for the Ray head's job agent at {proxy.url} (up to 1m00s): its job "
+                       f"server answers 'No available agent to submit job'"]
+    assert plan.requests == plan.failed + 1
+    assert _submitted_ids(plan) == {job_id}  # every try named the same job ...
+    cluster = JobCluster.connect(cluster_env.address)
+    assert [job.submission_id for job in cluster.jobs()].count(job_id) == 1  # ... so there is one
+    assert cluster.wait(job_id, timeout_s=120).status.value == "SUCCEEDED"
+
+
+def test_submit_gives_up_on_a_head_without_job_agent_and_says_why(cluster_env, capsys, caplog):
+    plan = FaultPlan(status=500, always=True, only=SUBMIT_ENDPOINT, body=NO_AGENT_BODY)
+    with FaultProxy(cluster_env.address, plan) as proxy:
+        started = time.monotonic()
+        code = run_cli("submit", "--address", proxy.url, "--agent-wait", "3", "--", "schema", "tracks")
+        elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == EXIT_CLUSTER_UNAVAILABLE != 2  # 2: configuration error
+    assert 3 <= elapsed < 20 and plan.failed >= 3  # kept trying, for the bound and not much longer
+    assert "configuration error" not in err and "ClusterUnavailableError" not in err  # told, not raised
+    assert err.strip().splitlines()[-1].startswith(f"rolo-batch: cluster unavailable: the Ray head behind "
+                                                   f"{proxy.url} still had no job agent after 3s")
+    retries_logged = [r for r in caplog.records if "already exists, skipping upload" in r.getMessage()]
+    assert len(retries_logged) <= 1  # Ray's client checks the working_dir on every try: only the first says so
+    for cause in ("the head is still starting", "its dashboard agent failed to start",
+                  "another Ray on the head machine already holds the agent's port",
+                  "/tmp/ray/session_latest/logs/dashboard_agent.log and dashboard.log", "--temp-dir"):
+        assert cause in err
+    (submission_id,) = _submitted_ids(plan)
+    assert f"nothing was submitted (submission id {submission_id})" in err
+    assert submission_id not in {job.submission_id for job in JobCluster.connect(cluster_env.address).jobs()}
+
+
+@pytest.mark.parametrize("case", ["wrong-token", "reused-submission-id"])
+def test_configuration_errors_are_not_waited_on(cluster_env, monkeypatch, case, capsys):
+    flags = []
+    if case == "wrong-token":
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+        expected = "rejected the auth token from RAY_AUTH_TOKEN"
+    else:  # the head's own 500, but not for a missing agent: the id is taken
+        taken = JobCluster.connect().submit(entrypoint="true", runtime_env={}, metadata={}, agent_wait_s=0)
+        flags = ["--submission-id", taken]
+        expected = f"Job with submission_id {taken} already exists"
+    started = time.monotonic()
+    code = run_cli("submit", "--agent-wait", "60", *flags, "--", "schema", "tracks")
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and "rolo-batch: configuration error:" in err and expected in err, err
+    assert "waiting for" not in err and elapsed < 15
+
+
 # --- no cluster needed -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("items, environ, expected", [
@@ -370,11 +452,21 @@ def test_pinned_dependencies_match_constraints_and_leave_ray_to_the_cluster():
     {"stage": "synth", "ship": "package"}, {"stage": "synth", "package_version": "1.0"},
     {"stage": "synth", "ship": "installed", "with_deps": True}, {"stage": "synth", "ship": "wheel"},
     {"stage": "synth", "env": {"BAD-NAME": "x"}}, {"stage": "synth", "entrypoint_num_gpus": -1},
+    {"stage": "synth", "agent_wait_s": -1}, {"stage": "synth", "agent_wait_s": float("nan")},
 ], ids=["empty", "option-not-stage", "jobs", "submit", "package-no-version", "version-without-package",
-        "deps-without-source", "unknown-ship", "bad-env-name", "negative-gpus"])
+        "deps-without-source", "unknown-ship", "bad-env-name", "negative-gpus", "negative-agent-wait",
+        "nan-agent-wait"])
 def test_submit_config_rejects(kwargs):
     with pytest.raises(ConfigError):
         SubmitConfig(**kwargs)
+
+
+def test_submission_ids_have_rays_form_and_the_unavailable_error_survives_pickling():
+    ids = {new_submission_id() for _ in range(50)}
+    assert len(ids) == 50 and all(re.fullmatch(r"raysubmit_[A-HJ-NP-Za-km-np-z1-9]{16}", i) for i in ids)
+    error = pickle.loads(pickle.dumps(ClusterUnavailableError("http://head:8265", 60.0, "raysubmit_x")))
+    assert (error.address, error.waited_s, error.submission_id) == ("http://head:8265", 60.0, "raysubmit_x")
+    assert "after 1m00s" in str(error) and "raysubmit_x" in str(error)
 
 
 def test_secret_values_stay_out_of_the_config_repr():
@@ -401,7 +493,7 @@ def test_an_unreachable_cluster_is_a_clear_error(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["submit", "--help"], ["examples:", "RAY_AUTH_MODE=token", "--env", "exit status"]),
+    (["submit", "--help"], ["examples:", "RAY_AUTH_MODE=token", "--env", "exit status", "--agent-wait"]),
     (["jobs", "--help"], ["examples:", "list", "status", "logs", "stop", "package"]),
 ])
 def test_help_has_examples(argv, expected, capsys):
