@@ -3,8 +3,9 @@
 Three streams reach a driver's terminal from Ray: the Python loggers of the ``ray`` packages in the driver
 (Ray Data's execution plans, Ray Train's controller, ``tqdm is not installed``), the stdout/stderr of every
 worker and actor, which Ray forwards to the driver (``(PlacementGroupCleaner pid=...) ...``, a Train worker's
-prints), and Ray Data's progress bars. ``send_ray_output_to_file`` sends the first two to one file and turns the
-bars off (each stage prints its own progress line); with ``verbose`` it leaves all of them as Ray has them.
+prints), and Ray Data's progress bars; besides, native code writes to the process's stderr (Ray's C++ core
+worker). ``send_ray_output_to_file`` sends the loggers, the forwarded output and the native stderr to one
+file and turns the bars off (each stage prints its own progress line); the CLI's ``--verbose`` skips it.
 
 The forwarded worker lines are taken over at Ray's own dispatcher of worker output
 (``ray._private.ray_logging.global_worker_stdstream_dispatcher``, the handler ``ray.init`` installs under the
@@ -108,6 +109,7 @@ def send_ray_output_to_file(path: str, publish_uri: str | None = None) -> RayLog
             logger.addHandler(handler)
         sink._restore.append(lambda logger=logger, before=before: setattr(logger, "handlers", before))
 
+    _take_native_stderr(sink)
     context = ray.data.DataContext.get_current()
     settings = {"enable_progress_bars": False, "print_on_execution_start": False}
     previous_settings = {name: getattr(context, name) for name in settings}
@@ -115,6 +117,36 @@ def send_ray_output_to_file(path: str, publish_uri: str | None = None) -> RayLog
         setattr(context, name, value)
     sink._restore.append(lambda: [setattr(context, k, v) for k, v in previous_settings.items()])
     return sink
+
+
+def _take_native_stderr(sink: RayLogFile) -> None:
+    """Point file descriptor 2 at the log, and ``sys.stderr`` at the terminal it was: what native code writes
+    to stderr (Ray's C++ core worker in this process, e.g. its warning about actor constructor arguments for
+    every Ray Data actor pool; the processes ``ray.init`` starts) goes to the log, rolo-batch's own lines do
+    not. Only when ``sys.stderr`` is the process's own stderr (not under a test's capture)."""
+    import sys
+
+    if sys.stderr is not sys.__stderr__ or sink.stream is None:
+        return
+    try:
+        if sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, OSError, ValueError):
+        return
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    terminal = os.fdopen(terminal_fd, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    sink.stream.flush()
+    os.dup2(sink.stream.fileno(), 2)
+    sys.stderr = terminal
+
+    def give_back() -> None:
+        terminal.flush()
+        os.dup2(terminal_fd, 2)
+        sys.stderr = sys.__stderr__
+        terminal.close()
+
+    sink._restore.append(give_back)
 
 
 def _ray_loggers() -> list[logging.Logger]:

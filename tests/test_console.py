@@ -54,3 +54,17 @@ def test_the_console_shows_progress_and_results_and_ray_output_goes_to_a_log_fil
 
     assert "train: epoch 1/2" in loud_out + loud_err  # --verbose: Ray's forwarded worker output is shown
     assert "Ray's own output goes to" not in loud_err
+
+
+def test_native_stderr_goes_to_the_log_and_our_own_lines_to_the_terminal(tmp_path):
+    # as Ray's C++ core worker writes its warnings: straight to file descriptor 2
+    log = tmp_path / "ray.log"
+    script = ("import os, sys; from rolo_batch.ray_output import send_ray_output_to_file\n"
+              f"sink = send_ray_output_to_file({str(log)!r})\n"
+              "os.write(2, b'native line\\n'); print('own line', file=sys.stderr)\n"
+              "sink.close(); os.write(2, b'after close\\n')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "own line" in done.stderr and "after close" in done.stderr
+    assert "native line" not in done.stderr
+    assert "native line" in log.read_text()
