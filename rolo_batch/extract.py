@@ -449,6 +449,7 @@ def run_extraction(data_uri: str, out_uri: str, spec: DetectorSpec, options: Ext
             result.attempt = attempts[ref.name]
             results.append(result)
             idle.append(actor)
+    progress.extra = f"{sum(r.status != 'skipped' for r in results) - len(found.rejected)}/{len(todo)} videos"
     progress.close()
     workers = ray.get([a.info.remote() for a in idle])
     for actor in idle:
