@@ -109,25 +109,35 @@ function report() {{
   state.maxTime = Math.max(state.maxTime, video.currentTime);
   out.textContent = JSON.stringify(state);
 }}
+// The first frame is read from a second element that is never played (it stays at time 0), and read again
+// while the canvas still comes back black: under load Chromium can fire "loadeddata" before the decoded frame
+// can be drawn (seen in CI), and a retry on the playing element would read a later frame.
+const probe = document.createElement("video");
+let probeTries = 0;
 function grabFirstFrame() {{
   try {{
+    probeTries += 1;
     const canvas = document.createElement("canvas");
-    canvas.width = video.videoWidth;
-    canvas.height = video.videoHeight;
+    canvas.width = probe.videoWidth;
+    canvas.height = probe.videoHeight;
     const context = canvas.getContext("2d");
-    context.drawImage(video, 0, 0);
+    context.drawImage(probe, 0, 0);
     const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
     const sum = [0, 0, 0];
     for (let i = 0; i < pixels.length; i += 4) for (let c = 0; c < 3; c++) sum[c] += pixels[i + c];
     state.firstFrameMeanRgb = sum.map(v => v / (pixels.length / 4));
+    state.firstFrameTries = probeTries;
+    if (sum[0] + sum[1] + sum[2] === 0 && probeTries < 60) setTimeout(grabFirstFrame, 50);
   }} catch (error) {{ state.firstFrameError = String(error); }}
+  report();
 }}
+probe.muted = true;
+probe.preload = "auto";
+probe.addEventListener("loadeddata", grabFirstFrame, {{once: true}});
+probe.src = {src_js};
 for (const type of ["loadedmetadata", "loadeddata", "canplay", "playing", "timeupdate", "ended", "error"]) {{
   video.addEventListener(type, () => {{
-    if (!state.events.includes(type)) {{
-      state.events.push(type);
-      if (type === "loadeddata") grabFirstFrame();
-    }}
+    if (!state.events.includes(type)) state.events.push(type);
     report();
   }});
 }}
