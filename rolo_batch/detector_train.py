@@ -501,7 +501,8 @@ class DetectorTrainConfig:
     the classes come from ``video_classes``). ``init_weights``: a detector checkpoint or Darknet weights to
     start from (a checkpoint brings its own architecture; overrides may then only change non-architecture
     fields such as dropout or thresholds); None: seeded random weights, with the head's biases set to the
-    training boxes' mean (see ``init_head_bias``).
+    training boxes' mean (see ``init_head_bias``); a pretrained architecture (``efficientnet-yolo``) starts
+    its backbone from ``backbone_weights`` (None: the ImageNet weights of the pinned package).
 
     Optimisation: AdamW, ``batch_size`` frames per worker per step (global batch ``batch_size * workers``),
     ``learning_rate`` with a linear warm-up over ``warmup_epochs`` and then ``lr_schedule`` (cosine decays
@@ -525,6 +526,7 @@ class DetectorTrainConfig:
     detector: str = "yolo-tiny"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     init_weights: str | None = None
+    backbone_weights: str | None = None
     split: str = "exp2"
     first_part: str = "otb30"
     train_list: str | None = None
@@ -664,6 +666,9 @@ def init_head_bias(net, mean_box_cxcywh_norm: Sequence[float]) -> None:
     import torch
 
     config = net.config
+    if config.pretrained:
+        net.set_head_prior(mean_box_cxcywh_norm, config.num_classes)
+        return
     with torch.no_grad():
         probs, conf, coords = split_head(net.head.bias.data[None], config)
         probs.fill_(1.0 / config.num_classes)
@@ -964,7 +969,7 @@ def _initial_net(loop: Mapping[str, Any]):
     from rolo_batch import detector as det
 
     config = det.DetectorConfig.from_dict(loop["detector"])
-    net = det.init_weights(det.YoloNet(config), loop["seed"])
+    net = det.new_net(config, loop["seed"], backbone_weights=loop["backbone_weights"])
     init_head_bias(net, loop["mean_box"])
     if loop["init_weights"]:
         source_config = det.DetectorConfig.from_dict(loop["init_config"]) if loop["init_config"] else None
@@ -1200,7 +1205,7 @@ def _run_detector_training(config: DetectorTrainConfig, log) -> DetectorTrainRes
     if progress is not None:
         progress.close()
     history = state["history"]
-    net = det.YoloNet(detector_config)
+    net = det.make_net(detector_config)
     net.load_state_dict(state["model"])
     detector = det.Detector(net)
     detector_uri = storage.join(config.run_uri, DETECTOR_FILE)
@@ -1251,7 +1256,8 @@ def _config_dict(config: DetectorTrainConfig) -> dict:
 
 
 def _loop_config(config: DetectorTrainConfig, detector_config, use_gpu: bool) -> dict:
-    return {"detector": detector_config.to_dict(), "init_weights": config.init_weights, "epochs": config.epochs,
+    return {"detector": detector_config.to_dict(), "init_weights": config.init_weights,
+            "backbone_weights": config.backbone_weights, "epochs": config.epochs,
             "batch_size": config.batch_size, "learning_rate": config.learning_rate,
             "weight_decay": config.weight_decay, "warmup_epochs": config.warmup_epochs,
             "lr_schedule": config.lr_schedule, "min_lr_fraction": config.min_lr_fraction,

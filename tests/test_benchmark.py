@@ -18,11 +18,15 @@ def test_benchmark_runs_every_stage_and_reports_ratios(ray_local, tmp_path, caps
                      "--train-epochs", "1", "--gpu", "off"])
     assert code == 0
     printed = capsys.readouterr().out
-    for ratio in ("extract pipeline / bare detector", "extract pipeline / naive loop", "track / bare LSTM",
-                  "train: per-worker throughput, 2 workers / 1", "memory: 4x longer video / video"):
+    ratios = ["track / bare LSTM", "train: per-worker throughput, 2 workers / 1"]
+    for name in ("yolo-tiny", "efficientnet-yolo"):  # both detectors by default
+        ratios += [f"extract {name}: pipeline / bare detector", f"extract {name}: pipeline / naive loop",
+                   f"memory {name}: 4x longer video / video", f"train-detector {name}: epoch / bare steps"]
+    for ratio in ratios:
         assert ratio in printed
     report = json.loads((tmp_path / "benchmark.json").read_text())
-    assert len(report["ratios"]) == 5 and all(r["value"] > 0 for r in report["ratios"])
+    assert sorted(r["ratio"] for r in report["ratios"]) == sorted(ratios)
+    assert all(r["value"] > 0 for r in report["ratios"])
     assert all(len(f["values"]) == 1 and f["median"] > 0 for f in report["figures"])
     assert "device" in report["environment"] and (tmp_path / "benchmark.md").read_text().startswith("- ")
 
@@ -35,3 +39,5 @@ def test_figures_and_ratios():
     assert Ratio("b/a", slow, fast, target=0.85).row()["met"] == "yes"
     with pytest.raises(ConfigError):
         BenchmarkConfig(out_uri="x", stages=("nope",))
+    with pytest.raises(ConfigError, match="detectors must be presets"):
+        BenchmarkConfig(out_uri="x", detectors=("resnet",))
