@@ -718,7 +718,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--videos", type=_positive_int, default=8, help="videos to synthesise (default: 8)")
     p.add_argument("--frames", type=_positive_int, default=150, help="frames per video (default: 150)")
     p.add_argument("--seed", type=int, default=0, help="seed of the videos and the training (default: 0)")
-    p.add_argument("--detector-epochs", type=_positive_int, default=60, help="detector epochs (default: 60)")
+    p.add_argument("--detector", choices=["yolo-tiny", "efficientnet-yolo"], default="yolo-tiny",
+                   help="detector to train: yolo-tiny (from scratch, its --fast-cpu variant) or efficientnet-yolo "
+                        "(ImageNet backbone) (default: yolo-tiny)")
+    p.add_argument("--detector-epochs", type=_positive_int,
+                   help="detector epochs (default: 60 for yolo-tiny, 15 for efficientnet-yolo)")
     p.add_argument("--rolo-epochs", type=_positive_int, default=30, help="ROLO epochs (default: 30)")
     _add_ray_options(p)
     p.set_defaults(handler=_run_demo)
@@ -731,7 +735,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     config = DemoConfig(out_uri=args.out, videos=args.videos, frames=args.frames, seed=args.seed,
-                        detector_epochs=args.detector_epochs, rolo_epochs=args.rolo_epochs)
+                        detector_name=args.detector, detector_epochs=args.detector_epochs, rolo_epochs=args.rolo_epochs)
     result = run_demo(config, connect=lambda: _connect(args))
     print("\nstage times:")
     print(format_table([{"stage": k, "seconds": round(v, 1)} for k, v in result.seconds.items()]

@@ -27,18 +27,27 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's data and training budget (sized for a 2-core CPU: about 6 minutes in all). ``feature``: what
-    extraction stores per frame (see ``rolo_batch.detector.feature_spec``)."""
+    """The demo's data and training budget (sized for a 2-core CPU: about 6 minutes in all). ``detector_name``:
+    ``yolo-tiny`` (its ``--fast-cpu`` variant, trained from scratch, 60 epochs by default) or
+    ``efficientnet-yolo`` (ImageNet backbone, 15 epochs by default). ``feature``: what extraction stores per
+    frame (see ``rolo_batch.detector.feature_spec``)."""
 
     out_uri: str = "demo-output"
     videos: int = 8
     frames: int = 150
     seed: int = 0
-    detector_epochs: int = 60
+    detector_name: str = "yolo-tiny"
+    detector_epochs: int | None = None
     rolo_epochs: int = 30
     steps: int = 6
     feature: str = "map16"
     render: str = "synth-000"
+
+    @property
+    def run(self) -> str:
+        """The name of the detector, ROLO model, tracks and scores runs: ``demo`` (``demo-<detector>`` for a
+        detector other than yolo-tiny, so that both can live in one output root)."""
+        return "demo" if self.detector_name == "yolo-tiny" else f"demo-{self.detector_name}"
 
     @property
     def data_uri(self) -> str:
@@ -48,19 +57,22 @@ class DemoConfig:
         return SynthConfig(videos=self.videos, frames=self.frames, seed=self.seed)
 
     def detector(self) -> DetectorTrainConfig:
-        return DetectorTrainConfig(data_uri=self.data_uri, out_uri=self.out_uri, run="demo",
-                                   overrides=dict(FAST_CPU_OVERRIDES), split="exp2", first_part="third",
-                                   epochs=self.detector_epochs, eval_every=10, checkpoint_every=10,
-                                   max_failures=2, seed=self.seed)
+        pretrained = self.detector_name == "efficientnet-yolo"
+        epochs = self.detector_epochs or (15 if pretrained else 60)
+        return DetectorTrainConfig(data_uri=self.data_uri, out_uri=self.out_uri, run=self.run,
+                                   detector=self.detector_name, overrides={} if pretrained else dict(FAST_CPU_OVERRIDES),
+                                   split="exp2", first_part="third", epochs=epochs,
+                                   learning_rate=1e-3 if pretrained else 2e-3, eval_every=5 if pretrained else 10,
+                                   checkpoint_every=5 if pretrained else 10, max_failures=2, seed=self.seed)
 
     def pipeline(self, detector_uri: str) -> PipelineConfig:
         model = RoloConfig(form="compact", feature_dim=1, steps=self.steps, hidden_size=128, projection_size=128)
-        train = TrainConfig(features_uri="", out_uri=self.out_uri, run="demo", split="exp2", first_part="third",
+        train = TrainConfig(features_uri="", out_uri=self.out_uri, run=self.run, split="exp2", first_part="third",
                             model=model,
                             window=WindowConfig(steps=self.steps), epochs=self.rolo_epochs, batch_size=16,
                             learning_rate=2e-3, detection_jitter=0.1, detection_drop=0.1,
                             checkpoint_every=10, max_failures=2, seed=self.seed)
-        track = TrackConfig(features_uri="", model_uri="", out_uri=self.out_uri, run="demo")
+        track = TrackConfig(features_uri="", model_uri="", out_uri=self.out_uri, run=self.run)
         return PipelineConfig(data_uri=self.data_uri, out_uri=self.out_uri, detector=DetectorSpec(weights=detector_uri),
                               extract=ExtractOptions(batch_size=16, feature=self.feature), train=train, track=track,
                               render=(self.render,))

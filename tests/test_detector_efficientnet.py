@@ -158,3 +158,15 @@ def test_train_detector_trains_the_pretrained_detector_and_extraction_reads_it(r
     assert done.status == "done" and done.frames == 12
     opened = tables.FeaturesTable.open(table)
     assert opened.detector_id == detector.detector_id
+
+
+def test_the_demo_can_train_the_pretrained_detector_beside_the_default():
+    from rolo_batch.demo import DemoConfig
+
+    default, pretrained = DemoConfig(), DemoConfig(detector_name="efficientnet-yolo")
+    assert (default.run, default.detector().detector, default.detector().epochs) == ("demo", "yolo-tiny", 60)
+    train = pretrained.detector()
+    assert (pretrained.run, train.detector, train.epochs, dict(train.overrides)) == (
+        "demo-efficientnet-yolo", "efficientnet-yolo", 15, {})
+    assert train.detector_config().pretrained
+    assert pretrained.pipeline("x.pt").train.run == pretrained.run != default.run
