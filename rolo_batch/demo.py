@@ -14,7 +14,8 @@ from typing import Callable
 
 from rolo_batch import storage
 from rolo_batch.datasets.synthetic import SynthConfig, synthesize
-from rolo_batch.detector_train import FAST_CPU_OVERRIDES, DetectorTrainConfig, finished_run, run_detector_training
+from rolo_batch.detector_train import (FAST_CPU_OVERRIDES, TRAINING_DEFAULTS, AugmentConfig, DetectorTrainConfig,
+                                       finished_run, run_detector_training)
 from rolo_batch.extract import DetectorSpec, ExtractOptions
 from rolo_batch.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from rolo_batch.rolo import RoloConfig
@@ -29,7 +30,7 @@ Log = Callable[[str], None]
 class DemoConfig:
     """The demo's data and training budget (sized for a 2-core CPU: about 6 minutes in all). ``detector_name``:
     ``yolo-tiny`` (its ``--fast-cpu`` variant, trained from scratch, 60 epochs by default) or
-    ``efficientnet-yolo`` (ImageNet backbone, 15 epochs by default). ``feature``: what extraction stores per
+    ``efficientnet-yolo`` (ImageNet backbone; ``TRAINING_DEFAULTS``: 10 epochs). ``feature``: what extraction stores per
     frame (see ``rolo_batch.detector.feature_spec``)."""
 
     out_uri: str = "demo-output"
@@ -58,12 +59,15 @@ class DemoConfig:
 
     def detector(self) -> DetectorTrainConfig:
         pretrained = self.detector_name == "efficientnet-yolo"
-        epochs = self.detector_epochs or (15 if pretrained else 60)
+        defaults = TRAINING_DEFAULTS[self.detector_name]
+        epochs = self.detector_epochs or defaults.epochs
+        every = 5 if pretrained else 10
         return DetectorTrainConfig(data_uri=self.data_uri, out_uri=self.out_uri, run=self.run,
                                    detector=self.detector_name, overrides={} if pretrained else dict(FAST_CPU_OVERRIDES),
                                    split="exp2", first_part="third", epochs=epochs,
-                                   learning_rate=1e-3 if pretrained else 2e-3, eval_every=5 if pretrained else 10,
-                                   checkpoint_every=5 if pretrained else 10, max_failures=2, seed=self.seed)
+                                   learning_rate=defaults.learning_rate,
+                                   augment=AugmentConfig(strength=defaults.augment), eval_every=every,
+                                   checkpoint_every=every, max_failures=2, seed=self.seed)
 
     def pipeline(self, detector_uri: str) -> PipelineConfig:
         model = RoloConfig(form="compact", feature_dim=1, steps=self.steps, hidden_size=128, projection_size=128)

@@ -30,6 +30,7 @@ from torch import nn
 
 from rolo_batch import efficientnet as eff
 from rolo_batch import efficientnet_weights
+from rolo_batch.errors import ConfigError, InputError
 
 ARCHITECTURE = "efficientnet-lite0"
 OUTPUT_STRIDE = 32
@@ -103,7 +104,6 @@ class EfficientYoloNet(nn.Module):
         """Maps at ``strides`` and the 1280-channel head activation, the frozen prefix run without autograd."""
         size = self.config.input_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
-            from rolo_batch.errors import InputError
             raise InputError(f"{self.config.name} expects a (N, 3, {size}, {size}) batch, got {tuple(x.shape)}")
         b = self.backbone
         ends = {b._stride_ends[s]: s for s in strides}
@@ -136,7 +136,6 @@ class EfficientYoloNet(nn.Module):
     def forward_map(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(map at output stride layer (N, C, H, W), head)`` in one pass (``layer`` is a stride, 2-32)."""
         if layer not in eff.FEATURE_STRIDES:
-            from rolo_batch.errors import ConfigError
             raise ConfigError(f"{self.config.name} has feature maps at strides {eff.FEATURE_STRIDES}, not {layer}")
         maps, top = self._maps(x, (layer,))
         return maps[layer], self._detect(top)[1]
@@ -165,7 +164,6 @@ class EfficientYoloNet(nn.Module):
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         problems = efficientnet_weights.fit_problems(self.backbone, state)
         if problems:
-            from rolo_batch.errors import InputError
             source = uri if uri is not None else str(efficientnet_weights.default_weights_path())
             raise InputError("the weights do not fit EfficientNet-Lite0's backbone: " + "; ".join(problems),
                              path=source)

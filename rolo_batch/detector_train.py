@@ -658,6 +658,27 @@ FAST_CPU_OVERRIDES: Mapping[str, Any] = MappingProxyType({
     "backbone": ("16x3/2", "24x3", "M", "48x3", "M", "96x3", "M", "192x3", "M", "64x1")})
 
 
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """What ``train-detector`` uses for a network unless told otherwise: epochs, peak learning rate and
+    augmentation strength."""
+
+    epochs: int
+    learning_rate: float
+    augment: float
+
+
+# yolo-tiny's were measured on the demo (see FAST_CPU_OVERRIDES). efficientnet-yolo's were chosen on real video by
+# a rule that never reads the test frames: train on the first ninth of each of the 14 real sequences, pick the
+# highest AP@0.5 on the rest of their first third (README, "Real video"). A pretrained backbone needs fewer
+# epochs and a smaller rate; harder augmentation keeps it from learning where each target was.
+TRAINING_DEFAULTS: Mapping[str, TrainingDefaults] = MappingProxyType({
+    "yolo-tiny": TrainingDefaults(60, 2e-3, 1.0),
+    "yolo-v1-small": TrainingDefaults(60, 2e-3, 1.0),
+    "efficientnet-yolo": TrainingDefaults(10, 1e-3, 2.0),
+})
+
+
 def init_head_bias(net, mean_box_cxcywh_norm: Sequence[float]) -> None:
     """Start the head at an informed guess instead of zero: every predictor's box at its cell's centre with
     the mean training box's size, class probabilities ``1 / C``, confidences 0 (the head's weights stay as

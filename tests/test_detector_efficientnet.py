@@ -148,10 +148,10 @@ def test_train_detector_trains_the_pretrained_detector_and_extraction_reads_it(r
     result = dt.run_detector_training(config, log=None)
     assert result.final["train_frames"] == 8 and 0.0 <= result.final["ap50"] <= 1.0
     detector = det.build_detector(None, result.detector_uri, feature="map4")
-    assert detector.config.architecture == "efficientnet-lite0" and detector.config.frozen_stages == 6
+    assert detector.config.architecture == "efficientnet-lite0" and detector.config.frozen_stages == 4
     trained = detector.net.backbone.state_dict()
     imagenet = det.new_net(TINY, 0).backbone.state_dict()
-    assert torch.equal(trained["_blocks.10._project_conv.weight"], imagenet["_blocks.10._project_conv.weight"])
+    assert torch.equal(trained["_blocks.4._project_conv.weight"], imagenet["_blocks.4._project_conv.weight"])  # stage 3
     assert not torch.equal(trained["_blocks.15._project_conv.weight"], imagenet["_blocks.15._project_conv.weight"])
     table = str(tmp_path / "features" / detector.features_id)
     done = extract_video(detector, discover(data).videos[0], table, ExtractOptions(batch_size=4))
@@ -167,6 +167,35 @@ def test_the_demo_can_train_the_pretrained_detector_beside_the_default():
     assert (default.run, default.detector().detector, default.detector().epochs) == ("demo", "yolo-tiny", 60)
     train = pretrained.detector()
     assert (pretrained.run, train.detector, train.epochs, dict(train.overrides)) == (
-        "demo-efficientnet-yolo", "efficientnet-yolo", 15, {})
+        "demo-efficientnet-yolo", "efficientnet-yolo", 10, {})
+    assert train.augment.strength == 2.0 and train.learning_rate == 1e-3
     assert train.detector_config().pretrained
     assert pretrained.pipeline("x.pt").train.run == pretrained.run != default.run
+
+
+@pytest.mark.parametrize("argv,detector,epochs,lr,augment,overrides", [
+    ([], "efficientnet-yolo", 10, 1e-3, 2.0, {}),
+    (["--fast-cpu"], "yolo-tiny", 60, 2e-3, 1.0, dt.FAST_CPU_OVERRIDES),
+    (["--input-size", "192", "--frozen-stages", "4", "--epochs", "3", "--lr", "5e-4", "--augment", "1"],
+     "efficientnet-yolo", 3, 5e-4, 1.0, {"input_size": 192, "grid": 6, "frozen_stages": 4}),
+], ids=["default", "fast-cpu", "overrides"])
+def test_train_detector_command_defaults_to_the_pretrained_detector(argv, detector, epochs, lr, augment, overrides):
+    from rolo_batch import cli
+
+    args = cli.build_parser().parse_args(["train-detector", "data", "out", *argv])
+    config = cli._detector_train_config(args, "data", "out")
+    assert (config.detector, config.epochs, config.learning_rate, config.augment.strength) == (
+        detector, epochs, lr, augment)
+    assert dict(config.overrides) == dict(overrides)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--fast-cpu", "--detector", "efficientnet-yolo"], "--fast-cpu is yolo-tiny's CPU variant"),
+    (["--detector", "yolo-tiny", "--frozen-stages", "3"], "are for a pretrained detector"),
+])
+def test_train_detector_command_refuses_options_of_the_other_network(argv, message):
+    from rolo_batch import cli
+
+    args = cli.build_parser().parse_args(["train-detector", "data", "out", *argv])
+    with pytest.raises(ConfigError, match=message):
+        cli._detector_train_config(args, "data", "out")
