@@ -10,12 +10,12 @@ Every figure is the median of ``runs`` measurements after ``warmup`` unmeasured 
   videos) / the bare LSTM's forward frames/s on in-memory windows of the same batch. Target >= 0.7.
 - train: samples/s per worker with 1 and with 2 workers (data-parallel efficiency = their ratio).
 - train-detector: frames/s of a ``train-detector`` epoch (Ray Train, Ray Data decoding and augmenting in its
-  prefetch threads) / frames/s of bare training steps on a batch already in memory (same network, batch size
-  and threads). Target >= 0.85.
+  prefetch threads) / frames/s of bare training steps on a batch already in memory (same network, device, batch
+  size and threads). Target >= 0.85.
+- memory: peak resident memory of a fresh extraction actor for a video and for one 4x longer (ratio near 1).
 
 The extract, memory and train-detector stages run for each of ``detectors`` (by default the CPU-sized
 ``yolo-tiny`` and the ImageNet-pretrained ``efficientnet-yolo``).
-- memory: peak resident memory of a fresh extraction actor for a video and for one 4x longer (ratio near 1).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class BenchmarkConfig:
     videos_per_batch: int = 8
     steps: int = 6
     train_epochs: int = 4
-    stages: tuple[str, ...] = ("extract", "track", "train", "train-detector", "memory")
+    stages: tuple[str, ...] = STAGES
     gpu: str = "auto"
 
     def __post_init__(self) -> None:
@@ -185,27 +185,37 @@ def _synthesize_extract_videos(config: BenchmarkConfig, data: str) -> None:
                                  seed=1, prefix="long"))
 
 
+def _device(config: BenchmarkConfig) -> str:
+    """Where this process runs the bare measurements: ``cuda`` when ``config.gpu`` and the cluster and torch
+    allow it, else ``cpu`` (the same device the stage's Ray workers get)."""
+    import torch
+
+    from rolo_batch.runtime import cluster_resources
+
+    use_gpu = config.gpu == "on" or (config.gpu == "auto" and cluster_resources().gpus > 0)
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
 def _extract_and_memory(config: BenchmarkConfig, work: str, report: BenchmarkReport, name: str) -> None:
     import torch
 
     from rolo_batch.detector import build_detector, save_detector
     from rolo_batch.extract import DetectorSpec
-    from rolo_batch.runtime import cluster_resources
 
     data = os.path.join(work, "data")
     if not os.path.isdir(data):
         _synthesize_extract_videos(config, data)
     weights = os.path.join(work, f"{name}.pt")
-    use_gpu = config.gpu == "on" or (config.gpu == "auto" and cluster_resources().gpus > 0)
+    device = _device(config)
     save_detector(build_detector(name, random_init=True), weights)  # the speed does not depend on the weights
     spec = DetectorSpec(weights=weights)
     short = datasets.open_video(datasets.discover(data, names=["short-000"]).videos[0])
-    report.environment.update(device="cuda" if use_gpu and torch.cuda.is_available() else "cpu",
+    report.environment.update(device=device,
                               detectors=", ".join(config.detectors), batch_size=config.batch_size,
                               threads=config.threads, frames=f"{config.frames} at {config.width}x{config.height}")
     if "extract" in config.stages:
         torch.set_num_threads(config.threads)
-        detector = build_detector(None, weights, device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        detector = build_detector(None, weights, device=device)
         images = [f.image for f in short.iter_frames()]
         bare = Figure(f"extract {name}: bare detector (frames in memory)", "frames/s",
                       repeat(lambda: bare_detector_fps(detector, images, config.batch_size), config.runs,
@@ -339,9 +349,10 @@ def _train_detector(config: BenchmarkConfig, work: str, report: BenchmarkReport,
     trained = Figure(f"train-detector {name}: epoch frames/s (Ray Train + Ray Data)", "frames/s",
                      [h["frames_per_s_per_worker"] for h in result.history[config.warmup:]])
     torch.set_num_threads(config.threads)
-    net = det.new_net(det.detector_config(name), 0)
-    if next(iter(net.parameters())).device.type == "cpu":
-        net = net.to(memory_format=torch.channels_last)
+    device = _device(config)
+    # channels-last on a CPU, as the training loop does (oneDNN's fast layout)
+    net = det.new_net(det.detector_config(name), 0).to(
+        device, memory_format=torch.channels_last if device == "cpu" else torch.contiguous_format)
     steps = max(1, (2 * config.frames) // config.batch_size)  # as many frames as an epoch trains on
     bare = Figure(f"train-detector {name}: bare train steps (batch in memory)", "frames/s",
                   repeat(lambda: bare_detector_train_fps(net, config.batch_size, steps), config.runs, config.warmup))

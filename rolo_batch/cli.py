@@ -743,7 +743,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     config = DemoConfig(out_uri=args.out, videos=args.videos, frames=args.frames, seed=args.seed,
-                        detector_name=args.detector, detector_epochs=args.detector_epochs, rolo_epochs=args.rolo_epochs)
+                        detector_name=args.detector, detector_epochs=args.detector_epochs,
+                        rolo_epochs=args.rolo_epochs)
     result = run_demo(config, connect=lambda: _connect(args))
     print("\nstage times:")
     print(format_table([{"stage": k, "seconds": round(v, 1)} for k, v in result.seconds.items()]
@@ -767,9 +768,10 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                     "bare detector (target >= 0.85) and vs a naive per-frame loop, tracking vs the bare LSTM "
                     "(target >= 0.7), training samples/s per worker with 1 and 2 workers, detector training "
                     "epochs vs bare training steps (target >= 0.85), and the extraction actor's peak memory for a "
-                    "video and one 4x longer; extraction, memory and detector training for each of --detectors. Medians of --runs after --warmup, with "
-                    "min and max. Writes OUT_URI/benchmark.json and benchmark.md. Submit it as a Ray Job to "
-                    "measure a cluster: rolo-batch submit -- benchmark s3://bucket/bench",
+                    "video and one 4x longer; extraction, memory and detector training for each of --detectors. "
+                    "Medians of --runs after --warmup, with min and max. Writes OUT_URI/benchmark.json and "
+                    "benchmark.md. Submit it as a Ray Job to measure a cluster: "
+                    "rolo-batch submit -- benchmark s3://bucket/bench",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", metavar="OUT_URI", help="where benchmark.json and benchmark.md go")
     p.add_argument("--detectors", nargs="+", choices=sorted(PRESETS), default=["yolo-tiny", "efficientnet-yolo"],

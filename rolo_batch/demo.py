@@ -14,6 +14,7 @@ from typing import Callable
 
 from rolo_batch import storage
 from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+from rolo_batch.detector import PRESETS
 from rolo_batch.detector_train import (FAST_CPU_OVERRIDES, TRAINING_DEFAULTS, AugmentConfig, DetectorTrainConfig,
                                        finished_run, run_detector_training)
 from rolo_batch.extract import DetectorSpec, ExtractOptions
@@ -30,8 +31,8 @@ Log = Callable[[str], None]
 class DemoConfig:
     """The demo's data and training budget (sized for a 2-core CPU: about 6 minutes in all). ``detector_name``:
     ``yolo-tiny`` (its ``--fast-cpu`` variant, trained from scratch, 60 epochs by default) or
-    ``efficientnet-yolo`` (ImageNet backbone; ``TRAINING_DEFAULTS``: 10 epochs). ``feature``: what extraction stores per
-    frame (see ``rolo_batch.detector.feature_spec``)."""
+    ``efficientnet-yolo`` (ImageNet backbone; ``TRAINING_DEFAULTS``: 10 epochs). ``feature``: what extraction
+    stores per frame (see ``rolo_batch.detector.feature_spec``)."""
 
     out_uri: str = "demo-output"
     videos: int = 8
@@ -58,13 +59,13 @@ class DemoConfig:
         return SynthConfig(videos=self.videos, frames=self.frames, seed=self.seed)
 
     def detector(self) -> DetectorTrainConfig:
-        pretrained = self.detector_name == "efficientnet-yolo"
+        pretrained = PRESETS[self.detector_name].pretrained
         defaults = TRAINING_DEFAULTS[self.detector_name]
-        epochs = self.detector_epochs or defaults.epochs
         every = 5 if pretrained else 10
         return DetectorTrainConfig(data_uri=self.data_uri, out_uri=self.out_uri, run=self.run,
-                                   detector=self.detector_name, overrides={} if pretrained else dict(FAST_CPU_OVERRIDES),
-                                   split="exp2", first_part="third", epochs=epochs,
+                                   detector=self.detector_name,
+                                   overrides={} if pretrained else dict(FAST_CPU_OVERRIDES), split="exp2",
+                                   first_part="third", epochs=self.detector_epochs or defaults.epochs,
                                    learning_rate=defaults.learning_rate,
                                    augment=AugmentConfig(strength=defaults.augment), eval_every=every,
                                    checkpoint_every=every, max_failures=2, seed=self.seed)

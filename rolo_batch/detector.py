@@ -132,8 +132,9 @@ class FeatureSpec:
     """Which activation of a detector is the frame's visual feature (see the module docstring).
 
     ``layer``: index into ``YoloNet.backbone`` of the chosen convolution's leaky ReLU (for an EfficientNet
-    detector: the output stride of the chosen stage), None for the fully-connected feature. ``shape``: ``(C, H, W)`` of the map, None for the vector. ``size``: the length of
-    the flattened feature (``feature_dim`` for ``"fc"``).
+    detector: the output stride of the chosen stage), None for the fully-connected feature. ``shape``:
+    ``(C, H, W)`` of the map, None for the vector. ``size``: the length of the flattened feature
+    (``feature_dim`` for ``"fc"``).
     """
 
     name: str

@@ -171,10 +171,10 @@ class EfficientYoloNet(nn.Module):
                                        for k, v in state.items()}, strict=True)
         return self
 
-    def set_head_prior(self, mean_box_cxcywh_norm: Sequence[float], num_classes: int) -> None:
+    def set_head_prior(self, mean_box_cxcywh_norm: Sequence[float]) -> None:
         """The head's biases as ``init_head_bias`` sets a YOLO v1 head's: boxes at their cell's centre with the
         mean training box's size, class probabilities ``1 / C``, confidences 0."""
-        c, b = num_classes, self.config.boxes_per_cell
+        c, b = self.config.num_classes, self.config.boxes_per_cell
         with torch.no_grad():
             bias = self.head.bias
             bias[:c] = 1.0 / c

@@ -688,7 +688,7 @@ def init_head_bias(net, mean_box_cxcywh_norm: Sequence[float]) -> None:
 
     config = net.config
     if config.pretrained:
-        net.set_head_prior(mean_box_cxcywh_norm, config.num_classes)
+        net.set_head_prior(mean_box_cxcywh_norm)
         return
     with torch.no_grad():
         probs, conf, coords = split_head(net.head.bias.data[None], config)

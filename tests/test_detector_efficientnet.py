@@ -117,7 +117,8 @@ def test_darknet_configs_keep_their_ids_and_refuse_efficientnet_settings():
     assert "efficientnet-lite0" in TINY.to_json()
     with pytest.raises(ConfigError, match="frozen_stages is for the efficientnet-lite0 architecture"):
         det.detector_config("yolo-tiny", frozen_stages=2)
-    with pytest.raises(ConfigError, match=r"Darknet weights \(<bytes>\): Darknet's weights layout holds only darknet-architecture"):
+    with pytest.raises(ConfigError,
+                       match=r"Darknet weights \(<bytes>\): Darknet's weights layout holds only darknet-architecture"):
         det.load_darknet_weights(EfficientYoloNet(TINY), b"\0" * 64)
     with pytest.raises(ConfigError, match="backbone weights .* are for a pretrained architecture"):
         det.new_net(tiny, 0, backbone_weights="x.pth")
@@ -132,7 +133,8 @@ def test_other_backbone_weights_load_from_a_uri_and_a_foreign_file_is_refused(tm
     assert not net.backbone._conv_stem.weight.any()
     del state["_bn0.weight"]
     torch.save(state, path)
-    with pytest.raises(InputError, match=r"do not fit EfficientNet-Lite0's backbone: missing tensors \(1\): _bn0.weight"):
+    with pytest.raises(InputError,
+                       match=r"do not fit EfficientNet-Lite0's backbone: missing tensors \(1\): _bn0.weight"):
         det.new_net(TINY, 0, backbone_weights=str(path))
 
 
