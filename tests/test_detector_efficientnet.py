@@ -42,10 +42,10 @@ def test_the_head_comes_out_in_darknets_layout_and_decodes_to_the_right_cell(pre
     net = EfficientYoloNet(config).eval()
     c, b, s = 2, config.boxes_per_cell, config.grid
     cells = torch.zeros(1, c + 5 * b, s, s)
-    row, col = 1, 0  # bottom-left cell, box predictor 1, class "b"
-    cells[0, 1, row, col] = 1.0
-    cells[0, c + 1, row, col] = 0.9
-    cells[0, c + b + 4:c + b + 8, row, col] = torch.tensor([0.5, 0.25, 0.5, 0.6])  # x, y, sqrt(w), sqrt(h)
+    row, col = 1, 0  # bottom-left cell, box predictor 0, class "b" (class and predictor indices differ, so that
+    cells[0, 1, row, col] = 1.0  # swapping the class and confidence blocks changes the result)
+    cells[0, c + 0, row, col] = 0.9
+    cells[0, c + b:c + b + 4, row, col] = torch.tensor([0.5, 0.25, 0.5, 0.6])  # x, y, sqrt(w), sqrt(h)
     net.head.register_forward_hook(lambda *_: cells)
     with torch.no_grad():
         _, head = net(torch.zeros(1, 3, 64, 64))
