@@ -253,6 +253,89 @@ def _run_extract(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+# --- adapt (the archive case) ----------------------------------------------------------------------------
+
+def _add_adapt_options(p: argparse.ArgumentParser, *, switch: bool) -> None:
+    from rolo_batch.adaptive import AdaptConfig
+
+    default = AdaptConfig()
+    g = p.add_argument_group("online adaptation (a target model fitted on each video's first box)")
+    if switch:
+        g.add_argument("--adapt", action="store_true",
+                       help="instead of a trained detector, fit a target model on each video's first box with the "
+                            "ImageNet backbone and adapt it while tracking (videos nothing was trained on)")
+    g.add_argument("--no-adapt-update", dest="adapt_update", action="store_false",
+                   help="fit on the first frame only; no update while tracking")
+    g.add_argument("--adapt-rate", type=float, default=default.learning_rate,
+                   help=f"share of the model replaced by each update (default: {default.learning_rate})")
+    g.add_argument("--adapt-interval", type=_positive_int, default=default.interval,
+                   help=f"frames between updates (default: {default.interval})")
+    g.add_argument("--adapt-guard", type=float, default=default.guard,
+                   help="skip an update when the response peak is below this fraction of its running level "
+                        f"(default: {default.guard})")
+    g.add_argument("--adapt-first-weight", type=float, default=default.first_weight,
+                   help=f"share of the model always kept from the first frame (default: {default.first_weight})")
+    g.add_argument("--backbone-weights", metavar="URI",
+                   help="EfficientNet-Lite0 ImageNet weights (default: the installed package's file)")
+    g.add_argument("--adapt-videos-per-batch", type=_positive_int, default=4,
+                   help="videos an actor tracks in lockstep, one backbone call per frame (default: 4)")
+
+
+def _adapt_job(args: argparse.Namespace, data_uri: str, out_uri: str):
+    from rolo_batch.adapt_stage import AdaptJob
+    from rolo_batch.adaptive import AdaptConfig
+
+    config = AdaptConfig(update=args.adapt_update, learning_rate=args.adapt_rate, interval=args.adapt_interval,
+                         guard=args.adapt_guard, first_weight=args.adapt_first_weight)
+    return AdaptJob(data_uri=data_uri, out_uri=out_uri, config=config, weights=args.backbone_weights,
+                    videos=tuple(args.videos) if getattr(args, "videos", None) else None,
+                    videos_per_batch=args.adapt_videos_per_batch, actors=getattr(args, "actors", None),
+                    gpu=getattr(args, "gpu", "auto"), overwrite=getattr(args, "overwrite", False))
+
+
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt", help="track videos from their first box with target models adapted online (Ray Data)",
+        description="For every video under DATA_URI, fit a target model on its first frame's box (a correlation "
+                    "filter on the ImageNet backbone's features; the rest of the ground truth is never read for "
+                    "it) and track the video, updating the model from frames it is confident in. Each frame's "
+                    "box and response map go to OUT_URI/features/adaptive-<id>/<video>/ in the features table "
+                    "contract, so 'rolo-batch train' and 'rolo-batch track' read them as they read a detector's. "
+                    "Actors hold the backbone (one per GPU when there are GPUs) and track several videos in "
+                    "lockstep; finished videos are skipped on a re-run, a failed one is reported by name.",
+        epilog="examples:\n"
+               "  rolo-batch adapt archive/ out/\n"
+               "  rolo-batch adapt s3://archive/clips s3://work/clips --no-adapt-update",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA_URI", help="video collection (OTB folders or video files + sidecars)")
+    p.add_argument("out", metavar="OUT_URI", help="output root (features go under OUT_URI/features/)")
+    _add_adapt_options(p, switch=False)
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    p.add_argument("--actors", type=_positive_int, help="actors (default: one per GPU, or per CPU)")
+    _add_gpu_option(p)
+    p.add_argument("--overwrite", action="store_true", help="redo videos that are already done")
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_adapt)
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    from rolo_batch.adapt_stage import finished_adaptation, run_adaptation
+
+    job = _adapt_job(args, args.data, args.out)
+    summary = finished_adaptation(job)
+    if summary is not None:
+        print(f"nothing to do: all {len(summary.results)} videos are already done (--overwrite redoes them)")
+        print(f"features in {summary.table_root}")
+        return 0
+    _connect(args)
+    summary = run_adaptation(job)
+    print(summary.table())
+    print(f"features written to {summary.table_root}")
+    for result in summary.failed:
+        print(f"failed: {result.video}: {result.error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 # --- train -----------------------------------------------------------------------------------------------
 
 _SPLITS_EPILOG = ("splits: exp1 trains on some videos and tests on others (OTB30's 22/8, or your lists); exp2 "
@@ -684,6 +767,10 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     _add_detector_options(p)
     _add_training_options(p)
     _add_tracking_options(p)
+    _add_adapt_options(p, switch=True)
+    p.add_argument("--rolo-model", metavar="URI",
+                   help="track with this ROLO model.pt (trained elsewhere, e.g. on other videos) instead of "
+                        "training one")
     g = p.add_argument_group("scoring and rendering")
     g.add_argument("--protocol", choices=["otb", "rolo"], default="otb", help="scoring protocol (default: otb)")
     g.add_argument("--render", nargs="+", metavar="VIDEO", help="videos to write overlays of (default: the first)")
@@ -695,10 +782,67 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 def _run_pipeline(args: argparse.Namespace) -> int:
     from rolo_batch.pipeline import PipelineConfig, run_pipeline
 
-    config = PipelineConfig(data_uri=args.data, out_uri=args.out, detector=_detector_spec(args),
+    if args.adapt and (args.weights or args.random_init or args.detector):
+        raise ConfigError("--adapt fits a target model on the ImageNet backbone instead of a trained detector: "
+                          "leave out --detector, --weights and --random-init")
+    config = PipelineConfig(data_uri=args.data, out_uri=args.out,
+                            detector=None if args.adapt else _detector_spec(args),
                             extract=_extract_options(args), train=_train_config(args, "", args.out),
                             track=_track_config(args, "", "", args.out), protocol=args.protocol,
-                            render=tuple(args.render) if args.render else None)
+                            render=tuple(args.render) if args.render else None,
+                            adapt=_adapt_job(args, args.data, args.out) if args.adapt else None,
+                            model_uri=args.rolo_model)
+    result = run_pipeline(config, connect=lambda: _connect(args))
+    _print_locations(result.locations())
+    return 1 if result.failed else 0
+
+
+def _add_track_archive(sub: argparse._SubParsersAction) -> None:
+    from rolo_batch.track import METHODS
+
+    p = sub.add_parser(
+        "track-archive", help="track an archive of videos that have only a first box, and write overlays",
+        description="The archive case in one command: every video under DATA_URI (OTB folders, or mp4/avi files "
+                    "with a one-line .groundtruth.txt sidecar holding the target's first box) is tracked with "
+                    "a target model fitted on its first box and adapted online ('rolo-batch adapt'), then ROLO "
+                    "(MODEL_URI, trained on other videos' adapted features) reads its boxes and response maps. "
+                    "Writes the features and tracks tables and an overlay video per video under OUT_URI; "
+                    "nothing is trained. Finished videos are skipped on a re-run.",
+        epilog="examples:\n"
+               "  rolo-batch track-archive clips/ out/ out-train/models/rolo/model.pt\n"
+               "  rolo-batch track-archive s3://archive/clips s3://work/clips s3://models/rolo.pt "
+               "--methods rolo yolo csrt",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA_URI", help="videos with their first box")
+    p.add_argument("out", metavar="OUT_URI", help="output root (features, tracks, overlays)")
+    p.add_argument("model", metavar="MODEL_URI",
+                   help="a ROLO model.pt trained on adapted features of other videos ('rolo-batch pipeline "
+                        "--adapt' on labelled videos writes one)")
+    p.add_argument("--run", default="archive", help="name of the tracking run (default: archive)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["rolo", "yolo"],
+                   help="rolo (default), yolo (the adapted model's own boxes; default), yolo-kalman, and OpenCV's "
+                        "csrt, kcf, mil for comparison")
+    p.add_argument("--no-render", dest="render", action="store_false", help="write no overlay videos")
+    p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    _add_adapt_options(p, switch=False)
+    _add_gpu_option(p)
+    _add_ray_options(p)
+    p.set_defaults(handler=_run_track_archive)
+
+
+def _run_track_archive(args: argparse.Namespace) -> int:
+    from rolo_batch import datasets
+    from rolo_batch.pipeline import PipelineConfig, run_pipeline
+    from rolo_batch.track import TrackConfig
+    from rolo_batch.train import TrainConfig
+
+    names = tuple(ref.name for ref in datasets.discover(args.data, names=args.videos).videos)
+    track = TrackConfig(features_uri="", model_uri="", out_uri=args.out, run=args.run, methods=tuple(args.methods),
+                        videos=tuple(args.videos) if args.videos else None, gpu=args.gpu)
+    config = PipelineConfig(data_uri=args.data, out_uri=args.out, detector=None, track=track,
+                            train=TrainConfig(features_uri="", out_uri=args.out, run=args.run),
+                            adapt=_adapt_job(args, args.data, args.out), model_uri=args.model, score=False,
+                            render=names if args.render else ())
     result = run_pipeline(config, connect=lambda: _connect(args))
     _print_locations(result.locations())
     return 1 if result.failed else 0
@@ -867,8 +1011,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"rolo-batch {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", required=True)
-    for add in (_add_synth, _add_inspect, _add_train_detector, _add_extract, _add_train, _add_track, _add_score, _add_render,
-                _add_pipeline, _add_demo, _add_benchmark, _add_schema, _add_validate):
+    for add in (_add_synth, _add_inspect, _add_train_detector, _add_extract, _add_adapt, _add_train, _add_track,
+                _add_score, _add_render, _add_pipeline, _add_track_archive, _add_demo, _add_benchmark, _add_schema, _add_validate):
         add(sub)
     from rolo_batch.submit import add_job_commands
 

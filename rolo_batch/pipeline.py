@@ -1,5 +1,10 @@
 """The whole pipeline in one call: extract -> train -> track -> score -> render, reusing finished stages.
 
+With ``adapt`` (the archive case), the adaptation stage takes the extraction's place: a target model fitted
+on each video's first box and adapted while tracking writes the features table (``rolo_batch.adapt_stage``).
+With ``model_uri`` a ROLO model trained elsewhere (on other videos) is used and nothing is trained; with
+``score`` off (videos with only a first box) nothing is scored.
+
 Each stage is the same library call its own command makes; this module only sequences them and decides what
 can be reused on a re-run: extraction and tracking skip videos already done (their own resume), training is
 skipped when the run's ``model.pt`` exists (delete it, or use another run name, to retrain), scoring runs
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rolo_batch import datasets, storage, tables
+from rolo_batch.adapt_stage import AdaptJob, finished_adaptation, run_adaptation
 from rolo_batch.errors import ConfigError
 from rolo_batch.extract import DetectorSpec, ExtractOptions, ExtractSummary, finished_extraction, run_extraction
 from rolo_batch.score import ScoreConfig, ScoreSummary, finished_scoring, run_scoring
@@ -32,12 +38,15 @@ class PipelineConfig:
 
     data_uri: str
     out_uri: str
-    detector: DetectorSpec
+    detector: DetectorSpec | None
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     train: TrainConfig | None = None
     track: TrackConfig | None = None
     protocol: str = "otb"
     render: tuple[str, ...] | None = None
+    adapt: AdaptJob | None = None
+    model_uri: str | None = None
+    score: bool = True
 
     def train_config(self, features_uri: str) -> TrainConfig:
         base = self.train or TrainConfig(features_uri="", out_uri="")
@@ -57,7 +66,7 @@ class PipelineResult:
     model_uri: str
     trained: bool
     track: TrackSummary
-    score: ScoreSummary
+    score: ScoreSummary | None
     overlays: list[str]
     seconds: dict[str, float]
     train_failed: dict[str, str] = field(default_factory=dict)
@@ -68,10 +77,11 @@ class PipelineResult:
         return bool(self.extract.failed or self.train_failed or self.track.failed)
 
     def locations(self) -> dict[str, str]:
+        scored = {} if self.score is None else {
+            "scores": self.score.scores_uri, "report": self.score.files.markdown,
+            "success plot": self.score.files.success_png, "precision plot": self.score.files.precision_png}
         return {"features": self.extract.table_root, "model": self.model_uri, "tracks": self.track.run_uri,
-                "scores": self.score.scores_uri, "report": self.score.files.markdown,
-                "success plot": self.score.files.success_png, "precision plot": self.score.files.precision_png,
-                **{f"overlay {storage.basename(o)}": o for o in self.overlays}}
+                **scored, **{f"overlay {storage.basename(o)}": o for o in self.overlays}}
 
 
 def run_pipeline(config: PipelineConfig, log: Log = print, connect: Callable[[], None] = lambda: None
@@ -85,22 +95,14 @@ def run_pipeline(config: PipelineConfig, log: Log = print, connect: Callable[[],
         log(f"\n== {name} ==")
         return lambda: seconds.__setitem__(name, time.perf_counter() - started)
 
-    done = stage("extract")
-    extracted = finished_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
-    if extracted is None:
-        connect()
-        extracted = run_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
-        log(extracted.table())
-    else:
-        log(f"all {len(extracted.results)} videos already extracted in {extracted.table_root}")
-    done()
+    extracted = _adapt(config, stage, connect, log) if config.adapt else _extract(config, stage, connect, log)
     if extracted.failed and len(extracted.failed) == len(extracted.results):
         raise ConfigError("every video failed to extract; nothing to train on")
 
     done = stage("train")
     train = config.train_config(extracted.table_root)
-    model_uri = storage.join(train.run_uri, MODEL_FILE)
-    trained = not storage.is_file(model_uri)
+    model_uri = config.model_uri or storage.join(train.run_uri, MODEL_FILE)
+    trained = config.model_uri is None and not storage.is_file(model_uri)
     train_failed: dict[str, str] = {}
     if not trained:
         _check_model_features(model_uri, train.run_uri, extracted.table_root)
@@ -114,6 +116,8 @@ def run_pipeline(config: PipelineConfig, log: Log = print, connect: Callable[[],
         train_failed = result.failed
         for video, error in train_failed.items():
             log(f"train: {video} failed and was left out: {error}")
+    elif config.model_uri:
+        log(f"tracking with {model_uri} (trained elsewhere; nothing is trained here)")
     else:
         log(f"reusing {model_uri} (delete it to retrain)")
     done()
@@ -129,8 +133,50 @@ def run_pipeline(config: PipelineConfig, log: Log = print, connect: Callable[[],
         log(f"all {len(tracked.rows)} videos already tracked in {tracked.run_uri}")
     done()
 
+    scored = _score(config, tracked.run_uri, stage, connect, log) if config.score else None
+
+    done = stage("render")
+    retracked = {row["video"] for row in tracked.rows if row["status"] == "done"}
+    overlays = _render(config, tracked.run_uri, train.run, retracked, log)
+    done()
+    return PipelineResult(extracted, model_uri, trained, tracked, scored, overlays, seconds, train_failed)
+
+
+def _extract(config: PipelineConfig, stage: Callable[[str], Callable[[], None]], connect: Callable[[], None],
+             log: Log) -> ExtractSummary:
+    if config.detector is None:
+        raise ConfigError("the pipeline needs a detector, or the adaptation stage (adapt)")
+    done = stage("extract")
+    extracted = finished_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
+    if extracted is None:
+        connect()
+        extracted = run_extraction(config.data_uri, config.out_uri, config.detector, config.extract)
+        log(extracted.table())
+    else:
+        log(f"all {len(extracted.results)} videos already extracted in {extracted.table_root}")
+    done()
+    return extracted
+
+
+def _adapt(config: PipelineConfig, stage: Callable[[str], Callable[[], None]], connect: Callable[[], None],
+           log: Log) -> ExtractSummary:
+    assert config.adapt is not None
+    done = stage("adapt")
+    adapted = finished_adaptation(config.adapt)
+    if adapted is None:
+        connect()
+        adapted = run_adaptation(config.adapt)
+        log(adapted.table())
+    else:
+        log(f"all {len(adapted.results)} videos already adapted and tracked in {adapted.table_root}")
+    done()
+    return adapted
+
+
+def _score(config: PipelineConfig, tracks_uri: str, stage: Callable[[str], Callable[[], None]],
+           connect: Callable[[], None], log: Log) -> ScoreSummary:
     done = stage("score")
-    score_config = ScoreConfig(tracks_uri=tracked.run_uri, data_uri=config.data_uri, out_uri=config.out_uri,
+    score_config = ScoreConfig(tracks_uri=tracks_uri, data_uri=config.data_uri, out_uri=config.out_uri,
                                protocol=config.protocol)
     scored = finished_scoring(score_config)
     if scored is None:
@@ -140,12 +186,7 @@ def run_pipeline(config: PipelineConfig, log: Log = print, connect: Callable[[],
         log(f"reusing the scores in {scored.run_uri} (same tracks and settings)")
     log(scored.table())
     done()
-
-    done = stage("render")
-    retracked = {row["video"] for row in tracked.rows if row["status"] == "done"}
-    overlays = _render(config, tracked.run_uri, train.run, retracked, log)
-    done()
-    return PipelineResult(extracted, model_uri, trained, tracked, scored, overlays, seconds, train_failed)
+    return scored
 
 
 def _check_model_features(model_uri: str, run_uri: str, features_root: str) -> None:
