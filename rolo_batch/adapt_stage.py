@@ -267,7 +267,7 @@ def run_adaptation(job: AdaptJob, *, num_cpus_per_actor: float = 1.0) -> Extract
         found.require_videos()
     detector_id = job.detector_id()
     root = tables.features_root(job.out_uri, detector_id)
-    storage.write_text(storage.join(root, "_detector.json"),
+    storage.write_text(storage.join(root, tables.DETECTOR_MANIFEST),
                        json.dumps({"adaptive": dataclasses.asdict(job.config), "weights": job.weights,
                                    "detector_id": detector_id}, indent=2, sort_keys=True))
     results = [VideoResult(e.video or storage.basename(e.path or "?"), "failed", error=str(e)) for e in found.rejected]

@@ -48,7 +48,7 @@ class AdaptConfig:
     """
 
     strides: tuple[int, ...] = (8,)
-    window: float = 4.0
+    window: float = 5.0
     input_size: int = 256
     label_sigma: float = 0.1
     reg: float = 0.01
@@ -57,12 +57,12 @@ class AdaptConfig:
     interval: int = 1
     first_weight: float = 0.2
     guard: float = 0.5
-    lost: float = 0.3
+    lost: float = 0.15
     scales: tuple[float, ...] = (0.96, 1.0, 1.04)
     scale_penalty: float = 0.98
     scale_rate: float = 0.6
     augment: int = 4
-    margin: float = 0.25
+    margin: float = 0.0
     context: float = 0.0
 
     def __post_init__(self) -> None:

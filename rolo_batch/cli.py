@@ -26,6 +26,7 @@ _DESCRIPTION = """\
 ROLO (Recurrent YOLO) tracking as a distributed batch processor on Ray.
 
 Pipeline:  videos --extract--> features --train--> model --track--> tracks --score--> scores + report
+Archive:   videos + first box --adapt--> features --track (a model trained on other videos)--> tracks
 Every DATA/OUT argument is a URI: a local path, file:///path or s3://bucket/prefix
 (S3 takes the standard AWS variables, AWS_ENDPOINT_URL included)."""
 
@@ -33,6 +34,7 @@ _EPILOG = """\
 examples:
   rolo-batch synth data/ --videos 8 --frames 120 --seed 0
   rolo-batch inspect data/
+  rolo-batch track-archive clips/ out/ models/rolo.pt   # mp4 files + one-line sidecars
   rolo-batch schema features
 
 Run 'rolo-batch <command> --help' for the options of each command."""
@@ -864,7 +866,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "features (16 x 16 conv maps, which ROLO pools inside each frame's detection box), train ROLO "
                     "(exp2), track with ROLO, YOLO only, YOLO + Kalman, CSRT, KCF and MIL, "
                     "score the held-out frames, and write report.md, success.png, precision.png and an overlay "
-                    "video. Nothing is downloaded. A re-run reuses every finished stage.")
+                    "video. Then the archive case: the same videos tracked from their first box by target "
+                    "models adapted online, ROLO trained on that, and an archive of other videos (mp4 files with "
+                    "one-line sidecars) tracked as 'rolo-batch track-archive' does, with an overlay per video. "
+                    "Nothing is downloaded. A re-run reuses every finished stage.")
     p.add_argument("out", metavar="OUT_URI", nargs="?", default="demo-output",
                    help="where everything goes (default: demo-output)")
     p.add_argument("--videos", type=_positive_int, default=8, help="videos to synthesise (default: 8)")
@@ -876,6 +881,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detector-epochs", type=_positive_int,
                    help="detector epochs (default: 60 for yolo-tiny, 10 for efficientnet-yolo)")
     p.add_argument("--rolo-epochs", type=_positive_int, default=30, help="ROLO epochs (default: 30)")
+    p.add_argument("--archive-videos", type=_non_negative_int, default=4,
+                   help="videos of the archive case (mp4 files with only a first box, tracked by target models "
+                        "adapted online and ROLO trained on other videos); 0 skips it (default: 4)")
     _add_ray_options(p)
     p.set_defaults(handler=_run_demo)
 
@@ -888,7 +896,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = DemoConfig(out_uri=args.out, videos=args.videos, frames=args.frames, seed=args.seed,
                         detector_name=args.detector, detector_epochs=args.detector_epochs,
-                        rolo_epochs=args.rolo_epochs)
+                        rolo_epochs=args.rolo_epochs, archive_videos=args.archive_videos)
     result = run_demo(config, connect=lambda: _connect(args))
     print("\nstage times:")
     print(format_table([{"stage": k, "seconds": round(v, 1)} for k, v in result.seconds.items()]
@@ -896,7 +904,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     print("\nheadline:")
     for name, value in summary(result).items():
         print(f"  {name}: {value:.3f}")
-    _print_locations({"videos": config.data_uri, "detector": result.detector_uri, **result.pipeline.locations()})
+    locations = {"videos": config.data_uri, "detector": result.detector_uri, **result.pipeline.locations()}
+    if result.adaptive is not None:
+        locations["adaptive report"] = result.adaptive.locations()["report"]
+    if result.archive is not None and result.archive_score is not None:
+        locations.update({"archive": config.archive_uri, "archive report": result.archive_score.files.markdown,
+                          **{k: v for k, v in result.archive.locations().items() if k.startswith("overlay")}})
+    _print_locations(locations)
     return 0
 
 

@@ -66,11 +66,12 @@ def test_a_hidden_target_holds_its_box_teaches_nothing_and_is_found_again(backbo
     there matches the first frame's margin) and stayed there."""
     hidden = range(10, 14)
     images, truth = moving_target(occluded=hidden)
-    found, kept = track(AdaptiveModel(SMALL, backbone), images, truth[0])
+    config = AdaptConfig(input_size=128, augment=2, lost=0.3)
+    found, kept = track(AdaptiveModel(config, backbone), images, truth[0])
     confidence = np.array([c for c, _ in kept])
     updates = np.array([u for _, u in kept])
     frames_hidden = [i - 1 for i in hidden]  # kept[i - 1] is frame i
-    assert confidence[frames_hidden].max() < SMALL.lost < SMALL.guard < confidence[:8].min()
+    assert confidence[frames_hidden].max() < config.lost < config.guard < confidence[:8].min()
     assert updates[frames_hidden[-1]] == updates[frames_hidden[0] - 1]  # nothing learned from the background
     assert updates[8] == 9  # ...but from every visible frame before
     np.testing.assert_array_equal(found[list(hidden)], np.repeat(found[hidden[0] - 1:hidden[0]], 4, axis=0))

@@ -10,7 +10,8 @@ import pytest
 from rolo_batch import cli, contracts, tables
 from tests.test_tables import make_features
 
-COMMANDS = ["synth", "inspect", "train-detector", "extract", "train", "track", "score", "render", "pipeline", "demo",
+COMMANDS = ["synth", "inspect", "train-detector", "extract", "adapt", "train", "track", "score", "render", "pipeline",
+            "track-archive", "demo",
             "benchmark", "schema", "validate", "submit", "jobs"]
 
 
