@@ -3,22 +3,32 @@
 synthesise videos -> train the detector (first third of every video) -> extract features (16 x 16 conv maps,
 which ROLO pools inside each frame's detection box) -> train ROLO (exp2) -> track (ROLO, YOLO only,
 YOLO + Kalman, CSRT, KCF, MIL) -> score -> report, plots, an overlay video.
+
+Then the archive case: the same labelled videos are tracked from their first box by target models adapted
+online (``rolo_batch.adapt_stage``) and ROLO is trained on those adapted features (run ``demo-adaptive``,
+scored like the first part); then an "archive" of other videos, mp4 files whose sidecars hold only the first
+box, is tracked with that model as ``rolo-batch track-archive`` does (run ``demo-archive``, an overlay per
+video), and scored against the generator's full ground truth, kept aside in ``archive-truth/``.
 Every stage reuses what an earlier run finished, so a re-run is quick.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from rolo_batch import storage
+from rolo_batch.adapt_stage import AdaptJob
 from rolo_batch.datasets.synthetic import SynthConfig, synthesize
+from rolo_batch.datasets.videofile import sidecar_name
 from rolo_batch.detector import PRESETS
 from rolo_batch.detector_train import (FAST_CPU_OVERRIDES, TRAINING_DEFAULTS, AugmentConfig, DetectorTrainConfig,
                                        finished_run, run_detector_training)
 from rolo_batch.extract import DetectorSpec, ExtractOptions
 from rolo_batch.pipeline import PipelineConfig, PipelineResult, run_pipeline
+from rolo_batch.score import ScoreConfig, ScoreSummary, finished_scoring, run_scoring
 from rolo_batch.rolo import RoloConfig
 from rolo_batch.track import TrackConfig
 from rolo_batch.train import TrainConfig
@@ -44,6 +54,7 @@ class DemoConfig:
     steps: int = 6
     feature: str = "map16"
     render: str = "synth-000"
+    archive_videos: int = 4
 
     @property
     def run(self) -> str:
@@ -57,6 +68,20 @@ class DemoConfig:
 
     def synth(self) -> SynthConfig:
         return SynthConfig(videos=self.videos, frames=self.frames, seed=self.seed)
+
+    @property
+    def archive_uri(self) -> str:
+        """The archive: mp4 files with one-line sidecars (the first box only)."""
+        return storage.join(self.out_uri, "archive")
+
+    @property
+    def archive_truth_uri(self) -> str:
+        """The same files with the full ground truth, read by scoring only."""
+        return storage.join(self.out_uri, "archive-truth")
+
+    def archive_synth(self) -> SynthConfig:
+        return SynthConfig(videos=self.archive_videos, frames=self.frames, seed=self.seed + 1, video_files=True,
+                           prefix="clip")
 
     def detector(self) -> DetectorTrainConfig:
         pretrained = PRESETS[self.detector_name].pretrained
@@ -82,6 +107,26 @@ class DemoConfig:
                               extract=ExtractOptions(batch_size=16, feature=self.feature), train=train, track=track,
                               render=(self.render,))
 
+    def adaptive_pipeline(self) -> PipelineConfig:
+        """ROLO on the adapted target models' features of the labelled videos (exp2, as the first part)."""
+        base = self.pipeline("")
+        run = "demo-adaptive"
+        return dataclasses.replace(
+            base, detector=None, adapt=AdaptJob(self.data_uri, self.out_uri),
+            train=dataclasses.replace(base.train, run=run, detection_jitter=0.0, detection_drop=0.0),
+            track=dataclasses.replace(base.track, run=run, methods=("rolo", "yolo", "csrt")), render=())
+
+    def archive_pipeline(self, model_uri: str) -> PipelineConfig:
+        """``rolo-batch track-archive``: the archive tracked with the adaptive run's model, nothing trained."""
+        run = "demo-archive"
+        names = tuple(self.archive_synth().video_name(i) for i in range(self.archive_videos))
+        return PipelineConfig(data_uri=self.archive_uri, out_uri=self.out_uri, detector=None,
+                              adapt=AdaptJob(self.archive_uri, self.out_uri), model_uri=model_uri, score=False,
+                              train=TrainConfig(features_uri="", out_uri=self.out_uri, run=run),
+                              track=TrackConfig(features_uri="", model_uri="", out_uri=self.out_uri, run=run,
+                                                methods=("rolo", "yolo", "csrt")),
+                              render=names)
+
 
 @dataclass
 class DemoResult:
@@ -90,6 +135,9 @@ class DemoResult:
     detector_mean_iou: float
     pipeline: PipelineResult
     seconds: dict[str, float]
+    adaptive: PipelineResult | None = None
+    archive: PipelineResult | None = None
+    archive_score: ScoreSummary | None = None
 
 
 def _synthesise(config: DemoConfig, log: Log) -> None:
@@ -127,12 +175,65 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Log = print, connect: Calla
 
     result = run_pipeline(config.pipeline(detector.detector_uri), log=log, connect=connect)
     seconds.update(result.seconds)
-    return DemoResult(detector.detector_uri, detector.ap50, detector.mean_iou, result, seconds)
+    demo = DemoResult(detector.detector_uri, detector.ap50, detector.mean_iou, result, seconds)
+    if config.archive_videos:
+        _run_archive(config, demo, log, connect)
+    return demo
+
+
+def _run_archive(config: DemoConfig, demo: DemoResult, log: Log, connect: Callable[[], None]) -> None:
+    """The archive case (see the module docstring); adds its results and stage times to ``demo``."""
+    log("\n==== the archive case: target models adapted from the first box ====")
+    demo.adaptive = run_pipeline(config.adaptive_pipeline(), log=log, connect=connect)
+    demo.seconds.update({f"adaptive {k}": v for k, v in demo.adaptive.seconds.items()})
+    started = time.perf_counter()
+    log("\n== synthesise the archive (mp4 files, first box only) ==")
+    _synthesise_archive(config, log)
+    demo.seconds["synthesise archive"] = time.perf_counter() - started
+    demo.archive = run_pipeline(config.archive_pipeline(demo.adaptive.model_uri), log=log, connect=connect)
+    demo.seconds.update({f"archive {k}": v for k, v in demo.archive.seconds.items()})
+    started = time.perf_counter()
+    log("\n== score the archive against the ground truth kept aside ==")
+    score = ScoreConfig(tracks_uri=demo.archive.track.run_uri, data_uri=config.archive_truth_uri,
+                        out_uri=config.out_uri, include_training_frames=True)
+    demo.archive_score = finished_scoring(score)
+    if demo.archive_score is None:
+        connect()
+        demo.archive_score = run_scoring(score)
+    log(demo.archive_score.table())
+    demo.seconds["archive score"] = time.perf_counter() - started
+
+
+def _synthesise_archive(config: DemoConfig, log: Log) -> None:
+    """The archive videos with their full ground truth in ``archive-truth/``, and the same mp4 files with
+    one-line sidecars in ``archive/``."""
+    synth = config.archive_synth()
+    names = [synth.video_name(i) for i in range(synth.videos)]
+    if all(storage.is_file(storage.join(config.archive_uri, sidecar_name(f"{n}.mp4"))) for n in names):
+        log(f"reusing {synth.videos} archive videos in {config.archive_uri}")
+        return
+    synthesize(config.archive_truth_uri, synth,
+               on_video=lambda name, done, total: log(f"synth: {done}/{total} archive videos ({name})"))
+    for name in names:
+        storage.write_bytes(storage.join(config.archive_uri, f"{name}.mp4"),
+                            storage.read_bytes(storage.join(config.archive_truth_uri, f"{name}.mp4")))
+        first = storage.read_text(storage.join(config.archive_truth_uri, sidecar_name(f"{name}.mp4"))).splitlines()[0]
+        storage.write_text(storage.join(config.archive_uri, sidecar_name(f"{name}.mp4")), first + "\n")
 
 
 def summary(result: DemoResult) -> dict[str, float]:
-    """The figures the README states: detector AP@0.5, and ROLO's and YOLO-only's success AUC."""
+    """The figures the README states: detector AP@0.5, ROLO's and YOLO-only's success AUC; and for the
+    archive case the success AUC of ROLO, the adapted model alone and CSRT, on the labelled videos' held-out
+    frames and on the archive."""
     overall = {s.method: s for s in result.pipeline.score.scores if s.video is None}
-    return {"detector AP@0.5": result.detector_ap50, "rolo success AUC": overall["rolo"].success_auc,
-            "yolo success AUC": overall["yolo"].success_auc}
+    figures = {"detector AP@0.5": result.detector_ap50, "rolo success AUC": overall["rolo"].success_auc,
+               "yolo success AUC": overall["yolo"].success_auc}
+    named = {"rolo": "rolo", "yolo": "adapted model alone", "csrt": "csrt"}
+    for label, scored in (("adaptive", result.adaptive and result.adaptive.score), ("archive", result.archive_score)):
+        if scored is None:
+            continue
+        for s in scored.scores:
+            if s.video is None and s.method in named:
+                figures[f"{label}: {named[s.method]} success AUC"] = s.success_auc
+    return figures
 
