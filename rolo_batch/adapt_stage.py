@@ -4,7 +4,8 @@ For a video nothing was trained on (the archive case), each actor holds the pret
 video of its batch, a target model fitted on that video's first frame and box and updated while it tracks
 (``rolo_batch.adaptive``). All videos of a batch advance in lockstep, one backbone call per frame index for
 all of them (on the actor's GPU when it has one). Each frame's row holds the adapted model's box as the
-detection (class 0, its confidence) and its response map as the feature, in the features table contract, so
+detection (class 0, its confidence) and as the feature its response map, or the backbone's whole-frame map
+(``FeatureKind``), in the features table contract, so
 the existing stages read it unchanged: ROLO trains on and tracks these features, and YOLO-only follows the
 same adapted detections.
 
@@ -26,13 +27,39 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from rolo_batch import boxes, contracts, datasets, storage, tables
-from rolo_batch.adaptive import RESPONSE_SIDE, AdaptConfig, AdaptiveModel, summary_feature
+from rolo_batch.adaptive import (FEATURE_CHANNELS, FRAME_MAP_STRIDE, RESPONSE_SIDE, AdaptConfig, AdaptiveModel,
+                                 frame_maps, summary_feature)
 from rolo_batch.console import Progress
 from rolo_batch.datasets import VideoRef
 from rolo_batch.errors import ConfigError, InputError, RoloBatchError
 from rolo_batch.extract import ExtractSummary, VideoResult
 
 CHUNK_FRAMES = 64  # rows kept per video before they are written
+FEATURES = ("response", "map16")
+
+
+@dataclass(frozen=True)
+class FeatureKind:
+    """What the table stores per frame: ``response``, the target model's 8 x 8 response map (64 values), or
+    ``map16``, the backbone's whole-frame 112 x 16 x 16 map, which ROLO pools inside each frame's box (so a
+    jittered training box sees the image where it lies: what lets ROLO learn corrections)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.name not in FEATURES:
+            raise ConfigError(f"adaptation feature must be one of {', '.join(FEATURES)}, got {self.name!r}")
+
+    @property
+    def shape(self) -> tuple[int, int, int] | None:
+        return None if self.name == "response" else (FEATURE_CHANNELS[FRAME_MAP_STRIDE], 16, 16)
+
+    @property
+    def dim(self) -> int:
+        return RESPONSE_SIDE ** 2 if self.shape is None else int(np.prod(self.shape))
+
+    def suffix(self) -> str:
+        return "" if self.name == "response" else f"-{self.name}"
 
 
 def adaptive_detector_id(config: AdaptConfig, weights_digest: str) -> str:
@@ -59,6 +86,7 @@ class _Running:
     frames: Any
     writer: tables.ParquetUnitWriter
     stack: contextlib.ExitStack
+    kind: FeatureKind
     rows: list[dict] = dataclasses.field(default_factory=list)
     started: float = 0.0
 
@@ -73,11 +101,13 @@ def _first_box(video: datasets.VideoSource) -> np.ndarray:
 
 
 def adapt_videos(model: AdaptiveModel, refs: list[VideoRef], table_root: str, detector_id: str,
-                 on_frames: Callable[[int], None] | None = None) -> list[VideoResult]:
+                 on_frames: Callable[[int], None] | None = None, feature: str = "response") -> list[VideoResult]:
     """Track ``refs`` in lockstep with target models adapted from their first boxes; write each one's unit
-    under ``table_root`` and mark it done. A video that fails is reported and the others continue."""
+    under ``table_root`` and mark it done. A video that fails is reported and the others continue.
+    ``feature``: what each row stores (see ``FeatureKind``)."""
+    kind = FeatureKind(feature)
     contract = contracts.load("features")
-    metadata = tables.features_metadata(detector_id, RESPONSE_SIDE ** 2)
+    metadata = tables.features_metadata(detector_id, kind.dim, kind.shape)
     results: dict[str, VideoResult] = {}
     running: list[_Running] = []
     firsts: list[tuple[np.ndarray, np.ndarray]] = []
@@ -92,16 +122,17 @@ def adapt_videos(model: AdaptiveModel, refs: list[VideoRef], table_root: str, de
             unit = tables.unit_uri(table_root, ref.name)
             storage.remove_temporaries(unit)
             writer = stack.enter_context(tables.ParquetUnitWriter(
-                storage.join(unit, tables.PART_FILE), contract, metadata, feature_dim=RESPONSE_SIDE ** 2))
+                storage.join(unit, tables.PART_FILE), contract, metadata, feature_dim=kind.dim))
         except (RoloBatchError, StopIteration) as exc:
             stack.close()
             results[ref.name] = VideoResult(ref.name, "failed", error=_message(exc, ref.name))
             continue
-        running.append(_Running(ref, video, unit, frames, writer, stack, started=started))
+        running.append(_Running(ref, video, unit, frames, writer, stack, kind, started=started))
         firsts.append((first.image, box))
     states = model.init_many([image for image, _ in firsts], [box for _, box in firsts])
-    for item, state, (image, _) in zip(running, states, firsts):
-        _record(item, 0, image, state)
+    maps = _maps(model, kind, [image for image, _ in firsts])
+    for k, (item, state, (image, _)) in enumerate(zip(running, states, firsts)):
+        _record(item, 0, image, state, maps[k] if maps is not None else None)
     if on_frames and running:
         on_frames(len(running))
     active = list(zip(running, states))
@@ -119,9 +150,10 @@ def adapt_videos(model: AdaptiveModel, refs: list[VideoRef], table_root: str, de
             advanced.append((item, state, frame))
             images.append(frame.image)
         model.step_many(images, [state for _, state, _ in advanced])
-        for item, state, frame in advanced:
+        maps = _maps(model, kind, images)
+        for k, (item, state, frame) in enumerate(advanced):
             try:
-                _record(item, frame.index, frame.image, state)
+                _record(item, frame.index, frame.image, state, maps[k] if maps is not None else None)
             except RoloBatchError as exc:
                 _fail(item, exc, results)
         active = [(item, state) for item, state, _ in advanced if item.ref.name not in results]
@@ -130,7 +162,11 @@ def adapt_videos(model: AdaptiveModel, refs: list[VideoRef], table_root: str, de
     return [results[ref.name] for ref in refs]
 
 
-def _record(item: _Running, index: int, image: np.ndarray, state) -> None:
+def _maps(model: AdaptiveModel, kind: FeatureKind, images: list[np.ndarray]) -> np.ndarray | None:
+    return frame_maps(model.backbone, images) if kind.shape is not None and images else None
+
+
+def _record(item: _Running, index: int, image: np.ndarray, state, frame_map: np.ndarray | None) -> None:
     """Keep this frame's row; write the kept rows every ``CHUNK_FRAMES`` frames."""
     width, height = item.video.image_size
     if image.shape[1] != width or image.shape[0] != height:
@@ -138,7 +174,8 @@ def _record(item: _Running, index: int, image: np.ndarray, state) -> None:
                          f"{width}x{height}", video=item.ref.name)
     box = boxes.xywh_px_to_cxcywh_norm(state.box_xywh_px[None], (width, height))[0]
     detection = np.concatenate([[0.0], box, [state.confidence]]).astype(np.float32)
-    item.rows.append({"index": index, "feature": summary_feature(state), "detection": detection})
+    feature = summary_feature(state) if frame_map is None else frame_map.reshape(-1)
+    item.rows.append({"index": index, "feature": feature, "detection": detection})
     if len(item.rows) >= CHUNK_FRAMES:
         _flush(item)
 
@@ -168,7 +205,8 @@ def _finish(item: _Running, detector_id: str, results: dict[str, VideoResult]) -
         return
     seconds = time.perf_counter() - item.started
     storage.mark_done(item.unit, tables.features_marker(
-        item.ref.name, item.video.frame_numbers, detector_id, RESPONSE_SIDE ** 2, item.video.image_size,
+        item.ref.name, item.video.frame_numbers, detector_id, item.kind.dim, item.video.image_size,
+        feature_shape=item.kind.shape,
         source=dataclasses.asdict(item.ref), seconds=round(seconds, 3), groundtruth_notes=item.video.groundtruth.notes))
     results[item.ref.name] = VideoResult(item.ref.name, "done", len(item.video), seconds)
 
@@ -202,8 +240,10 @@ class AdaptJob:
     actors: int | None = None
     gpu: str = "auto"
     overwrite: bool = False
+    feature: str = "response"
 
     def __post_init__(self) -> None:
+        FeatureKind(self.feature)
         if self.videos_per_batch < 1:
             raise ConfigError("videos_per_batch must be >= 1")
         if self.gpu not in ("auto", "on", "off"):
@@ -213,7 +253,7 @@ class AdaptJob:
         return adaptive_detector_id(self.config, backbone_digest(self.weights))
 
     def table_root(self) -> str:
-        return tables.features_root(self.out_uri, self.detector_id())
+        return tables.features_root(self.out_uri, self.detector_id() + FeatureKind(self.feature).suffix())
 
 
 class AdaptBatch:
@@ -231,7 +271,8 @@ class AdaptBatch:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         refs = [VideoRef(**json.loads(str(text))) for text in batch["ref"]]
         todo = [r for r in refs if self.job.overwrite or not storage.is_done(tables.unit_uri(self.table_root, r.name))]
-        results = {r.video: r for r in adapt_videos(self.model, todo, self.table_root, self.detector_id)}
+        results = {r.video: r for r in adapt_videos(self.model, todo, self.table_root, self.detector_id,
+                                                    feature=self.job.feature)}
         rows = [results.get(r.name) or VideoResult(r.name, "skipped") for r in refs]
         return {"video": np.array([r.video for r in rows]), "status": np.array([r.status for r in rows]),
                 "frames": np.array([r.frames for r in rows]), "seconds": np.array([r.seconds for r in rows]),
@@ -266,10 +307,10 @@ def run_adaptation(job: AdaptJob, *, num_cpus_per_actor: float = 1.0) -> Extract
     if not found.rejected:
         found.require_videos()
     detector_id = job.detector_id()
-    root = tables.features_root(job.out_uri, detector_id)
+    root = job.table_root()
     storage.write_text(storage.join(root, tables.DETECTOR_MANIFEST),
                        json.dumps({"adaptive": dataclasses.asdict(job.config), "weights": job.weights,
-                                   "detector_id": detector_id}, indent=2, sort_keys=True))
+                                   "feature": job.feature, "detector_id": detector_id}, indent=2, sort_keys=True))
     results = [VideoResult(e.video or storage.basename(e.path or "?"), "failed", error=str(e)) for e in found.rejected]
     todo = [{"ref": json.dumps(dataclasses.asdict(ref))} for ref in found.videos]
     resources = cluster_resources()

@@ -108,6 +108,26 @@ class Backbone:
         return torch.cat(parts, dim=1).float().cpu().numpy()
 
 
+FRAME_MAP_INPUT = 256  # frames are resized to this square for the whole-frame map (as efficientnet-yolo's input)
+FRAME_MAP_STRIDE = 16  # map16: stage 5, 112 x 16 x 16 at 256 px
+
+
+def frame_maps(backbone: Backbone, images: list[np.ndarray]) -> np.ndarray:
+    """Whole-frame backbone maps ``(N, 112, 16, 16)`` float16 (stage 5 of frames resized to 256 x 256): the
+    feature ROLO pools inside each frame's box (``--feature map16`` of the detectors), computed by the same
+    backbone in the same call pattern as the search windows."""
+    from rolo_batch.efficientnet import preprocess_bgr
+
+    if not images:
+        return np.zeros((0, FEATURE_CHANNELS[FRAME_MAP_STRIDE], 16, 16), np.float16)
+    size = FRAME_MAP_INPUT
+    batch = np.stack([cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA) for image in images])
+    with torch.inference_mode():
+        x = preprocess_bgr(batch).to(backbone.device)
+        maps = backbone.net.forward_features(x, (FRAME_MAP_STRIDE,))[FRAME_MAP_STRIDE]
+    return maps.to(torch.float16).cpu().numpy()
+
+
 def crop_window(image: np.ndarray, center_xy: np.ndarray, side_px: float, out_size: int) -> np.ndarray:
     """The square window of ``side_px`` image pixels centred on ``center_xy``, resized to ``out_size``; the
     image's edge pixels fill what lies outside it."""

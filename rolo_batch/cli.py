@@ -279,6 +279,9 @@ def _add_adapt_options(p: argparse.ArgumentParser, *, switch: bool) -> None:
                    help=f"share of the model always kept from the first frame (default: {default.first_weight})")
     g.add_argument("--backbone-weights", metavar="URI",
                    help="EfficientNet-Lite0 ImageNet weights (default: the installed package's file)")
+    g.add_argument("--adapt-feature", choices=["response", "map16"], default="response",
+                   help="what ROLO reads per frame: the target model's 8x8 response map (default), or the "
+                        "backbone's whole-frame 112x16x16 map, pooled inside each frame's box (56 KB per frame)")
     g.add_argument("--adapt-videos-per-batch", type=_positive_int, default=4,
                    help="videos an actor tracks in lockstep, one backbone call per frame (default: 4)")
 
@@ -292,6 +295,7 @@ def _adapt_job(args: argparse.Namespace, data_uri: str, out_uri: str):
     return AdaptJob(data_uri=data_uri, out_uri=out_uri, config=config, weights=args.backbone_weights,
                     videos=tuple(args.videos) if getattr(args, "videos", None) else None,
                     videos_per_batch=args.adapt_videos_per_batch, actors=getattr(args, "actors", None),
+                    feature=args.adapt_feature,
                     gpu=getattr(args, "gpu", "auto"), overwrite=getattr(args, "overwrite", False))
 
 
@@ -369,9 +373,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--projection", type=_positive_int, default=256,
                    help="compact/heatmap feature projection size (default: 256)")
     g.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="box loss (default: mse, as the paper)")
-    g.add_argument("--box-head", choices=["residual", "absolute"], default="residual",
-                   help="compact box: a correction of the frame's detection box (default; untrained it is "
-                        "YOLO-only) or a box regressed from the hidden state alone")
+    g.add_argument("--box-head", choices=["residual", "relative", "absolute"], default="residual",
+                   help="compact box: a correction of the frame's detection box in frame units (default; "
+                        "untrained it is YOLO-only), the same in units of the box's own size (relative; the "
+                        "same correction for a small and a large target), or a box regressed from the hidden "
+                        "state alone")
     g.add_argument("--feature-dropout", type=float, default=0.0,
                    help="dropout on the visual feature in training (default: 0)")
     g.add_argument("--roi-bins", type=_positive_int, default=4,

@@ -111,9 +111,10 @@ class DemoConfig:
         """ROLO on the adapted target models' features of the labelled videos (exp2, as the first part)."""
         base = self.pipeline("")
         run = "demo-adaptive"
+        model = dataclasses.replace(base.train.model, box_head="relative")  # the best on the real fold A
         return dataclasses.replace(
             base, detector=None, adapt=AdaptJob(self.data_uri, self.out_uri),
-            train=dataclasses.replace(base.train, run=run, detection_jitter=0.0, detection_drop=0.0),
+            train=dataclasses.replace(base.train, run=run, model=model),
             track=dataclasses.replace(base.track, run=run, methods=("rolo", "yolo", "csrt")), render=())
 
     def archive_pipeline(self, model_uri: str) -> PipelineConfig:

@@ -144,6 +144,22 @@ def test_the_stage_reads_no_ground_truth_but_the_first_box(tmp_path, backbone):
     assert boxes.iou_xywh(truth, found)[1:].mean() > 0.6
 
 
+def test_the_whole_frame_map_feature_is_a_map_table_rolo_pools_in(tmp_path, backbone):
+    images, truth = moving_target(frames=6)
+    ref = write_otb(tmp_path / "data", "clip", images, truth[:1])
+    root = str(tmp_path / "out")
+    model = AdaptiveModel(SMALL, backbone)
+    assert adapt_videos(model, [ref], root, "adaptive-test", feature="map16")[0].status == "done"
+    table = tables.FeaturesTable.open(root)
+    assert table.feature_shape == (112, 16, 16) and table.feature_dim == 112 * 16 * 16
+    frames = tables.FeatureFrames.from_arrow(tables.read_parquet(
+        table.units["clip"].part_uri, contracts.load("features"), feature_dim=table.feature_dim))
+    assert frames.feature.shape == (6, 112 * 16 * 16) and np.abs(frames.feature).max() > 0
+    adapt_videos(model, [ref], str(tmp_path / "response"), "adaptive-test")
+    responses = read_unit(str(tmp_path / "response"), "clip")
+    np.testing.assert_array_equal(frames.detection, responses.detection)  # the feature does not change tracking
+
+
 def test_a_bad_frame_fails_its_video_alone_and_publishes_nothing_of_it(tmp_path, backbone):
     images, truth = moving_target(frames=10)
     good = write_otb(tmp_path / "data", "good", images, truth)

@@ -163,11 +163,26 @@ def test_each_form_learns_a_toy_problem_well_below_the_mean_box_baseline(form, o
     assert metrics["mean_iou"] > 0.4
 
 
-def test_an_untrained_residual_model_reproduces_each_steps_detection_box():
-    model = rolo.build_model(tiny("compact"))
+@pytest.mark.parametrize("box_head", ["residual", "relative"])
+def test_an_untrained_residual_model_reproduces_each_steps_detection_box(box_head):
+    model = rolo.build_model(tiny("compact", box_head=box_head))
     windows = toy_windows(7, 3)["inputs"]
     np.testing.assert_allclose(model(windows).detach(), windows[:, -1, D + 1:D + 5], atol=1e-6)
     np.testing.assert_allclose(model(windows, sequence=True).detach(), windows[..., D + 1:D + 5], atol=1e-6)
+
+
+def test_the_relative_head_corrects_in_units_of_the_boxs_own_size():
+    """The same head output moves a box half as large half as far, and scales its size by the same factor."""
+    model = rolo.build_model(tiny("compact", box_head="relative", max_correction=0.5))
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([10.0, -10.0, 10.0, 0.0]))  # tanh saturates: +-max_correction
+    windows = toy_windows(2, 3)["inputs"].clone()
+    windows[:, :, D + 1:D + 5] = torch.tensor([0.5, 0.5, 0.2, 0.1])
+    windows[1, :, D + 3:D + 5] /= 2
+    with torch.no_grad():
+        boxes = model(windows)
+    np.testing.assert_allclose(boxes[0], [0.5 + 0.1, 0.5 - 0.05, 0.2 * np.exp(0.5), 0.1], atol=1e-5)
+    np.testing.assert_allclose(boxes[1], [0.5 + 0.05, 0.5 - 0.025, 0.1 * np.exp(0.5), 0.05], atol=1e-5)
 
 
 def noisy_track_windows(n: int, seed: int) -> dict[str, torch.Tensor]:
