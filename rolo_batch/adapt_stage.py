@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -69,11 +70,11 @@ def adaptive_detector_id(config: AdaptConfig, weights_digest: str) -> str:
 
 
 def backbone_digest(weights: str | None) -> str:
-    """The sha256 of the backbone weights file (the package's default file when ``weights`` is None)."""
-    from rolo_batch.efficientnet_weights import default_weights_path
+    """The sha256 of the backbone weights file. The package's default file (``weights`` None) is not read:
+    loading it checks it against ``WEIGHTS_SHA256``, so that is its digest."""
+    from rolo_batch.efficientnet_weights import WEIGHTS_SHA256
 
-    data = storage.read_bytes(weights) if weights else default_weights_path().read_bytes()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(storage.read_bytes(weights)).hexdigest() if weights else WEIGHTS_SHA256
 
 
 @dataclass
@@ -249,11 +250,14 @@ class AdaptJob:
         if self.gpu not in ("auto", "on", "off"):
             raise ConfigError(f"gpu must be auto, on or off, got {self.gpu!r}")
 
+    @functools.cached_property
     def detector_id(self) -> str:
+        """Names the settings and the backbone weights (a weights URI is read once per job)."""
         return adaptive_detector_id(self.config, backbone_digest(self.weights))
 
+    @property
     def table_root(self) -> str:
-        return tables.features_root(self.out_uri, self.detector_id() + FeatureKind(self.feature).suffix())
+        return tables.features_root(self.out_uri, self.detector_id + FeatureKind(self.feature).suffix())
 
 
 class AdaptBatch:
@@ -287,11 +291,11 @@ def finished_adaptation(job: AdaptJob) -> ExtractSummary | None:
     found = datasets.discover(job.data_uri, names=list(job.videos) if job.videos else None)
     if found.rejected or not found.videos:
         return None
-    root = job.table_root()
+    root = job.table_root
     done = tables.done_units(root)
     if any(ref.name not in done for ref in found.videos):
         return None
-    return ExtractSummary(root, job.detector_id(), [VideoResult(r.name, "skipped") for r in found.videos],
+    return ExtractSummary(root, job.detector_id, [VideoResult(r.name, "skipped") for r in found.videos],
                           time.perf_counter() - started, [])
 
 
@@ -300,30 +304,27 @@ def run_adaptation(job: AdaptJob, *, num_cpus_per_actor: float = 1.0) -> Extract
     table ``OUT/features/adaptive-<hash>/`` (see the module docstring)."""
     import ray
 
-    from rolo_batch.runtime import cluster_resources
+    from rolo_batch.runtime import plan_video_pool
 
     started = time.perf_counter()
     found = datasets.discover(job.data_uri, names=list(job.videos) if job.videos else None)
     if not found.rejected:
         found.require_videos()
-    detector_id = job.detector_id()
-    root = job.table_root()
+    detector_id = job.detector_id
+    root = job.table_root
     storage.write_text(storage.join(root, tables.DETECTOR_MANIFEST),
                        json.dumps({"adaptive": dataclasses.asdict(job.config), "weights": job.weights,
                                    "feature": job.feature, "detector_id": detector_id}, indent=2, sort_keys=True))
     results = [VideoResult(e.video or storage.basename(e.path or "?"), "failed", error=str(e)) for e in found.rejected]
     todo = [{"ref": json.dumps(dataclasses.asdict(ref))} for ref in found.videos]
-    resources = cluster_resources()
-    use_gpu = job.gpu == "on" or (job.gpu == "auto" and resources.gpus >= 1)
-    batches = -(-len(todo) // job.videos_per_batch)
-    actors = job.actors or max(1, min(batches, int(resources.gpus) if use_gpu else
-                                      max(1, int(resources.cpus // max(num_cpus_per_actor, 1)))))
     if not todo:
         return ExtractSummary(root, detector_id, results, time.perf_counter() - started, [])
-    dataset = ray.data.from_items(todo, override_num_blocks=max(1, batches))
+    plan = plan_video_pool(job.gpu, len(todo), job.videos_per_batch, job.actors, num_cpus_per_actor)
+    dataset = ray.data.from_items(todo, override_num_blocks=plan.batches)
     outcome = dataset.map_batches(
         AdaptBatch, fn_constructor_args=(job, root, detector_id), batch_size=job.videos_per_batch,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0, num_cpus=num_cpus_per_actor)
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_gpus=1 if plan.use_gpu else 0,
+        num_cpus=num_cpus_per_actor)
     progress = Progress("adapt", len(todo), unit="videos", interval_s=5.0)
     for row in outcome.iter_rows():
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

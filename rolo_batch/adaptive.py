@@ -312,9 +312,9 @@ class AdaptiveModel:
             factor = scales[best]
             model.frames_seen += 1
             reference = model.reference_peak if np.isfinite(model.reference_peak) else value
+            state.confidence = float(np.clip(value / max(reference, 1e-9), 0, 1))
+            state.response = np.fft.fftshift(responses[best]) / max(reference, 1e-9)
             if value < config.lost * reference:  # lost (hidden, or out of view): hold, do not follow the noise
-                state.confidence = float(np.clip(value / max(reference, 1e-9), 0, 1))
-                state.response = np.fft.fftshift(responses[best]) / max(reference, 1e-9)
                 continue
             side = self._side(state, factor)
             centre = state.box_xywh_px[:2] + state.box_xywh_px[2:] / 2
@@ -322,8 +322,6 @@ class AdaptiveModel:
             state.scale *= 1 + config.scale_rate * (factor - 1)
             wh = state.base_wh * state.scale
             state.box_xywh_px = np.concatenate([centre - wh / 2, wh])
-            state.confidence = float(np.clip(value / max(reference, 1e-9), 0, 1))
-            state.response = np.fft.fftshift(responses[best]) / max(reference, 1e-9)
             if value >= config.guard * reference:
                 model.reference_peak = 0.9 * reference + 0.1 * value
                 if config.update and model.frames_seen % config.interval == 0:

@@ -248,6 +248,12 @@ def _run_extract(args: argparse.Namespace) -> int:
     _connect(args)
     summary = run_extraction(args.data, args.out, spec, options, videos=args.videos, actors=args.actors,
                              gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
+    return _report_features_written(summary)
+
+
+def _report_features_written(summary) -> int:
+    """Print an extraction or adaptation job's table, where its features went and each failed video; the exit
+    code (1 if any video failed)."""
     print(summary.table())
     print(f"features written to {summary.table_root}")
     for result in summary.failed:
@@ -334,12 +340,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         print(f"features in {summary.table_root}")
         return 0
     _connect(args)
-    summary = run_adaptation(job)
-    print(summary.table())
-    print(f"features written to {summary.table_root}")
-    for result in summary.failed:
-        print(f"failed: {result.video}: {result.error}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return _report_features_written(run_adaptation(job))
 
 
 # --- train -----------------------------------------------------------------------------------------------

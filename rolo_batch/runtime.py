@@ -151,6 +151,28 @@ def cluster_resources() -> ClusterResources:
     return ClusterResources(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)))
 
 
+@dataclass(frozen=True)
+class VideoPoolPlan:
+    """How a Ray Data stage over videos runs: ``use_gpu`` (one GPU per actor), ``batches`` of videos (the
+    dataset's blocks) and ``actors`` in the pool."""
+
+    use_gpu: bool
+    batches: int
+    actors: int
+
+
+def plan_video_pool(gpu: str, videos: int, videos_per_batch: int, actors: int | None,
+                    cpus_per_actor: float) -> VideoPoolPlan:
+    """The actor pool for ``videos`` on the connected cluster. ``gpu``: ``on``, ``off`` or ``auto`` (GPUs
+    when the cluster has them). Without ``actors``: one per GPU, or one per ``cpus_per_actor`` CPUs, never
+    more than there are batches."""
+    resources = cluster_resources()
+    use_gpu = gpu == "on" or (gpu == "auto" and resources.gpus >= 1)
+    batches = -(-videos // videos_per_batch)
+    slots = int(resources.gpus) if use_gpu else max(1, int(resources.cpus // max(cpus_per_actor, 1)))
+    return VideoPoolPlan(use_gpu, batches, actors or max(1, min(batches, slots)))
+
+
 def torch_device_for_actor() -> str:
     """The torch device of the calling Ray worker: ``cuda`` when Ray assigned it a GPU that torch can see
     (Ray sets CUDA_VISIBLE_DEVICES, so it is always device 0 of what is visible), else ``cpu`` (also when the

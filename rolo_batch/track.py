@@ -315,7 +315,7 @@ def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> Tra
     import ray
 
     from rolo_batch.rolo import load_model
-    from rolo_batch.runtime import cluster_resources
+    from rolo_batch.runtime import plan_video_pool
 
     started = time.perf_counter()
     table = tables.FeaturesTable.open(config.features_uri, list(config.videos) if config.videos else None)
@@ -342,15 +342,11 @@ def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> Tra
     todo = [{"video": name, "part_uri": table.units[name].part_uri,
              "source": json.dumps(sources[name]) if sources[name] else ""} for name in pending]
     if todo:
-        resources = cluster_resources()
-        use_gpu = config.gpu == "on" or (config.gpu == "auto" and resources.gpus >= 1)
-        batches = -(-len(todo) // config.videos_per_batch)
-        actors = config.actors or max(1, min(batches, int(resources.gpus) if use_gpu else
-                                             max(1, int(resources.cpus // max(num_cpus_per_actor, 1)))))
-        dataset = ray.data.from_items(todo, override_num_blocks=batches)
+        plan = plan_video_pool(config.gpu, len(todo), config.videos_per_batch, config.actors, num_cpus_per_actor)
+        dataset = ray.data.from_items(todo, override_num_blocks=plan.batches)
         results = dataset.map_batches(
             TrackBatch, fn_constructor_args=(config, run_info), batch_size=config.videos_per_batch,
-            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
+            compute=ray.data.ActorPoolStrategy(size=plan.actors), num_gpus=1 if plan.use_gpu else 0,
             num_cpus=num_cpus_per_actor)
         progress = Progress("track", len(todo), unit="videos", interval_s=5.0)
         for row in results.iter_rows():

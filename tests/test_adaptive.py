@@ -192,7 +192,7 @@ def archive(tmp_path_factory, ray_local):
     for sidecar in data.glob("*.groundtruth.txt"):
         sidecar.write_text(sidecar.read_text().splitlines()[0] + "\n")
     torch.manual_seed(0)
-    detector_id = AdaptJob(str(data), str(root / "out")).detector_id()
+    detector_id = AdaptJob(str(data), str(root / "out")).detector_id
     model = build_model(RoloConfig(feature_dim=64, steps=3, hidden_size=8, projection_size=8, detector_id=detector_id))
     export_model(model, str(root / "model.pt"), split="exp1")
     return root
