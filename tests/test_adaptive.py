@@ -78,6 +78,19 @@ def test_a_hidden_target_holds_its_box_teaches_nothing_and_is_found_again(backbo
     assert boxes.iou_xywh(truth[-10:], found[-10:]).mean() > 0.6
 
 
+def test_the_guard_learns_nothing_from_a_frame_below_it(backbone):
+    """With the hold off, hidden frames are still tracked, but their peak is below the guard: no update."""
+    hidden = range(10, 14)
+    images, truth = moving_target(occluded=hidden)
+    config = AdaptConfig(input_size=128, augment=2, lost=0.0)
+    _, kept = track(AdaptiveModel(config, backbone), images, truth[0])
+    confidence = np.array([c for c, _ in kept])
+    updates = np.array([u for _, u in kept])
+    frames_hidden = [i - 1 for i in hidden]
+    assert confidence[frames_hidden].max() < config.guard
+    assert updates[frames_hidden[-1]] == updates[frames_hidden[0] - 1] == 9
+
+
 def test_without_updates_the_first_frames_model_is_all_there_is(backbone):
     images, truth = moving_target(frames=12)
     _, kept = track(AdaptiveModel(AdaptConfig(input_size=128, augment=2, update=False), backbone), images, truth[0])
