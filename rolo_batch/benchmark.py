@@ -258,6 +258,20 @@ def bare_lstm_fps(model, windows, repeats: int = 1) -> float:
     return len(windows) * repeats / (time.perf_counter() - started)
 
 
+def bare_lstm_step_fps(model, steps_input, frames: int) -> float:
+    """Frames/s of ``frames`` stateful model steps on in-memory inputs ``(B, D + 6)``, the state carried."""
+    import torch
+
+    x = torch.as_tensor(steps_input)
+    carry = None
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for _ in range(frames):
+            outputs, carry = model.stream(x, carry)
+            model.outputs_to_boxes(outputs)
+    return len(steps_input) * frames / (time.perf_counter() - started)
+
+
 def _track(config: BenchmarkConfig, report: BenchmarkReport) -> None:
     from rolo_batch.rolo import RoloConfig, build_model
     from rolo_batch.synthetic_features import synthetic_feature_frames
@@ -270,17 +284,25 @@ def _track(config: BenchmarkConfig, report: BenchmarkReport) -> None:
     windows = np.random.default_rng(0).normal(size=(config.videos_per_batch, config.steps, dim + 6))
     windows = windows.astype(np.float32)
 
-    def tracking() -> float:
+    def tracking(stream: bool) -> float:
         started = time.perf_counter()
-        track_rolo(model, config.steps, videos)
+        track_rolo(model, config.steps, videos, stream=stream)
         return sum(len(v) for v in videos) / (time.perf_counter() - started)
 
-    bare = Figure(f"track: bare LSTM forward (batch {config.videos_per_batch})", "frames/s",
+    bare = Figure(f"track: bare LSTM forward on windows (batch {config.videos_per_batch})", "frames/s",
                   repeat(lambda: bare_lstm_fps(model, windows, config.frames), config.runs, config.warmup))
-    tracked = Figure(f"track: ROLO tracking ({config.videos_per_batch} videos in lockstep)", "frames/s",
-                     repeat(tracking, config.runs, config.warmup))
-    report.figures += [bare, tracked]
-    report.ratios.append(Ratio("track / bare LSTM", tracked, bare, 0.7))
+    tracked = Figure(f"track: ROLO tracking, window ({config.videos_per_batch} videos in lockstep)", "frames/s",
+                     repeat(lambda: tracking(False), config.runs, config.warmup))
+    bare_step = Figure(f"track: bare LSTM step, state carried (batch {config.videos_per_batch})", "frames/s",
+                       repeat(lambda: bare_lstm_step_fps(model, windows[:, -1], config.frames), config.runs,
+                              config.warmup))
+    streamed = Figure(f"track: ROLO tracking, stream ({config.videos_per_batch} videos in lockstep)", "frames/s",
+                      repeat(lambda: tracking(True), config.runs, config.warmup))
+    report.figures += [bare, tracked, bare_step, streamed]
+    report.ratios.append(Ratio("track window / bare LSTM window", tracked, bare, 0.7))
+    report.ratios.append(Ratio("track stream / bare LSTM step", streamed, bare_step, 0.9))
+    report.ratios.append(Ratio("track stream / track window", streamed, tracked,
+                               note=f"the window form does {config.steps} LSTM steps per frame"))
 
 
 # --- train -----------------------------------------------------------------------------------------------

@@ -379,6 +379,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "untrained it is YOLO-only), the same in units of the box's own size (relative; the "
                         "same correction for a small and a large target), or a box regressed from the hidden "
                         "state alone")
+    g.add_argument("--box-input", choices=["absolute", "motion"], default="absolute",
+                   help="what the compact/heatmap LSTM reads of each detection: its box in the frame "
+                        "(default; the paper's input) or only its motion since the previous frame (nothing "
+                        "that says where the target stands, which a model could memorise per video)")
     g.add_argument("--feature-dropout", type=float, default=0.0,
                    help="dropout on the visual feature in training (default: 0)")
     g.add_argument("--roi-bins", type=_positive_int, default=4,
@@ -413,7 +417,7 @@ def _train_config(args: argparse.Namespace, features_uri: str, out_uri: str):
     model = RoloConfig(form=args.model, feature_dim=1, steps=args.steps, hidden_size=args.hidden,
                        num_layers=args.layers, projection_size=args.projection, loss=args.loss,
                        box_head=args.box_head, feature_dropout=args.feature_dropout, roi_bins=args.roi_bins,
-                       roi_context=args.roi_context)
+                       roi_context=args.roi_context, box_input=args.box_input)
     return TrainConfig(features_uri=features_uri, out_uri=out_uri, run=args.run, split=args.split,
                        first_part=args.first_part, train_list=args.train_list, test_list=args.test_list, model=model,
                        window=WindowConfig(steps=args.steps, stride=args.stride, detection=args.detection_input),
@@ -485,6 +489,14 @@ def _add_tracking_options(p: argparse.ArgumentParser) -> None:
                         "the answer; for comparison only)")
     g.add_argument("--videos-per-batch", type=_positive_int, default=8,
                    help="videos tracked in lockstep per model call (default: 8)")
+    _add_rolo_mode_option(g)
+
+
+def _add_rolo_mode_option(g) -> None:
+    g.add_argument("--rolo-mode", choices=["window", "stream"], default="window",
+                   help="window: every frame the LSTM re-reads the last --steps frames, as it was trained "
+                        "(default); stream: one LSTM step per frame with its state carried over (--steps times "
+                        "less work; the README compares their accuracy)")
 
 
 def _track_config(args: argparse.Namespace, features_uri: str, model_uri: str, out_uri: str):
@@ -494,7 +506,7 @@ def _track_config(args: argparse.Namespace, features_uri: str, model_uri: str, o
                        methods=tuple(args.methods), detection=args.detection, data_uri=getattr(args, "data", None),
                        videos=tuple(args.videos) if args.videos else None,
                        videos_per_batch=args.videos_per_batch, actors=getattr(args, "actors", None), gpu=args.gpu,
-                       overwrite=getattr(args, "overwrite", False))
+                       overwrite=getattr(args, "overwrite", False), rolo_mode=args.rolo_mode)
 
 
 def _add_track(sub: argparse._SubParsersAction) -> None:
@@ -833,6 +845,7 @@ def _add_track_archive(sub: argparse._SubParsersAction) -> None:
                         "csrt, kcf, mil for comparison")
     p.add_argument("--no-render", dest="render", action="store_false", help="write no overlay videos")
     p.add_argument("--videos", nargs="+", metavar="NAME", help="only these videos")
+    _add_rolo_mode_option(p)
     _add_adapt_options(p, switch=False)
     _add_gpu_option(p)
     _add_ray_options(p)
@@ -847,7 +860,8 @@ def _run_track_archive(args: argparse.Namespace) -> int:
 
     names = tuple(ref.name for ref in datasets.discover(args.data, names=args.videos).videos)
     track = TrackConfig(features_uri="", model_uri="", out_uri=args.out, run=args.run, methods=tuple(args.methods),
-                        videos=tuple(args.videos) if args.videos else None, gpu=args.gpu)
+                        videos=tuple(args.videos) if args.videos else None, gpu=args.gpu,
+                        rolo_mode=args.rolo_mode)
     config = PipelineConfig(data_uri=args.data, out_uri=args.out, detector=None, track=track,
                             train=TrainConfig(features_uri="", out_uri=args.out, run=args.run),
                             adapt=_adapt_job(args, args.data, args.out), model_uri=args.model, score=False,
@@ -931,7 +945,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         "benchmark", help="measure each stage against its own limit on this machine or cluster",
         description="Measure, in one run, each stage against its limit and print the ratios: extraction vs the "
                     "bare detector (target >= 0.85) and vs a naive per-frame loop, tracking vs the bare LSTM "
-                    "(target >= 0.7), training samples/s per worker with 1 and 2 workers, detector training "
+                    "(window form: >= 0.7 of the bare window forward; stream form: >= 0.9 of the bare stateful "
+                    "step; and stream vs window), training samples/s per worker with 1 and 2 workers, detector training "
                     "epochs vs bare training steps (target >= 0.85), and the extraction actor's peak memory for a "
                     "video and one 4x longer; extraction, memory and detector training for each of --detectors. "
                     "Medians of --runs after --warmup, with min and max. Writes OUT_URI/benchmark.json and "

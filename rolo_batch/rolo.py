@@ -3,6 +3,9 @@
 Three forms share one interface: ``model(x)`` with ``x`` of shape ``(N, steps, D + 6)`` (per step the visual
 feature ++ the detection ``(class_id, cx, cy, w, h, confidence)``) returns ``(N, 4)`` boxes ``cxcywh_norm`` for the
 last step; ``model.sequence_outputs(x)`` returns the per-step training outputs the loss is taken on.
+``model.stream(x_step, carry)`` runs one step ``(N, D + 6)`` from the LSTM state ``carry`` (None: a fresh
+state) and returns that step's outputs and the state to carry to the next frame (see ``Carry``), so that
+tracking can do one step per frame instead of re-reading a window.
 
 - ``faithful``: the paper's network. One LSTM layer whose hidden size equals its input size ``D + 6``; the box is
   read from the four hidden units aligned with the detection's box in the input (units ``D+1 .. D+4``, the
@@ -55,6 +58,7 @@ from rolo_batch.errors import ConfigError, InputError
 Form = Literal["faithful", "compact", "heatmap"]
 LossKind = Literal["mse", "smooth_l1"]
 BoxHead = Literal["residual", "relative", "absolute"]
+BoxInput = Literal["absolute", "motion"]
 DETECTION_SIZE = 6
 BOX_UNITS = slice(1, 5)  # (cx, cy, w, h) inside the 6-d detection (class_id, cx, cy, w, h, confidence)
 MODEL_FORMAT = "rolo-batch-model"
@@ -77,7 +81,11 @@ class RoloConfig:
     feature is a flattened activation map (``C * H * W == feature_dim``), pooled inside each step's detection
     box by the compact and heatmap forms (``roi_pool``): ``roi_bins`` samples per side (more keeps finer
     detail, and more weights in the projection), over the box grown by ``roi_context`` (> 1 shows the
-    surroundings, where the part of the target a bad box misses lies).
+    surroundings, where the part of the target a bad box misses lies). ``box_input``: what the compact and
+    heatmap LSTMs read of each detection: its box in frame coordinates (``"absolute"``, the paper's input) or
+    only how it moved since the window's previous step (``"motion"``: centre shift in units of the previous
+    box, log size change; see ``motion_detection``), so that the model cannot learn where targets stand in the
+    training videos.
     """
 
     form: Form = "compact"
@@ -98,6 +106,7 @@ class RoloConfig:
     feature_shape: tuple[int, int, int] | None = None
     roi_bins: int = 4
     roi_context: float = 1.6
+    box_input: BoxInput = "absolute"
 
     def __post_init__(self) -> None:
         if isinstance(self.feature_shape, list):  # from a model file or JSON
@@ -120,6 +129,11 @@ class RoloConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.box_head not in ("residual", "relative", "absolute"):
             raise ConfigError(f"box_head must be 'residual', 'relative' or 'absolute', got {self.box_head!r}")
+        if self.box_input not in ("absolute", "motion"):
+            raise ConfigError(f"box_input must be 'absolute' or 'motion', got {self.box_input!r}")
+        if self.box_input == "motion" and self.form == "faithful":
+            raise ConfigError("the faithful form reads its box off the detection's input units; use box_input "
+                              "'absolute' with it, or the compact or heatmap form")
         if not 0 < self.max_correction <= 1:
             raise ConfigError(f"max_correction must be in (0, 1], got {self.max_correction!r}")
         if not isinstance(self.detector_id, str):
@@ -153,6 +167,31 @@ class RoloConfig:
 
 # --- models ----------------------------------------------------------------------------------------------
 
+Carry = dict[str, torch.Tensor]
+"""A batch's LSTM state between two steps: ``h`` and ``c`` ``(N, layers, hidden)`` and ``previous``, the last
+step's detection ``(N, 6)``; batch first, so that one video's state is a row (``carry_rows``, ``join_carries``)."""
+
+
+def carry_rows(carry: Carry, index: int) -> Carry:
+    """Row ``index`` of a batch's state (a batch of one)."""
+    return {key: value[index:index + 1] for key, value in carry.items()}
+
+
+def join_carries(carries: list[Carry]) -> Carry:
+    """Several states (one per video) as one batch, in order."""
+    return {key: torch.cat([c[key] for c in carries]) for key in carries[0]}
+
+
+def _lstm_state(carry: Carry | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if carry is None:
+        return None
+    return carry["h"].transpose(0, 1).contiguous(), carry["c"].transpose(0, 1).contiguous()
+
+
+def _carry(state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, feature_dim: int) -> Carry:
+    return {"h": state[0].transpose(0, 1), "c": state[1].transpose(0, 1), "previous": x[:, -1, feature_dim:]}
+
+
 class RoloModel(nn.Module):
     """Base of the three forms: ``forward`` gives last-step boxes; subclasses give per-step training outputs."""
 
@@ -160,9 +199,20 @@ class RoloModel(nn.Module):
         super().__init__()
         self.config = config
 
+    def run(self, x: torch.Tensor, carry: Carry | None = None) -> tuple[torch.Tensor, Carry]:
+        """Outputs per step of ``x`` ``(N, S, D + 6)`` from the state ``carry`` (None: fresh), and the state
+        after the last step."""
+        raise NotImplementedError
+
     def sequence_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Training outputs per step: ``(N, S, 4)`` boxes or ``(N, S, H, W)`` maps."""
-        raise NotImplementedError
+        return self.run(x)[0]
+
+    def stream(self, x_step: torch.Tensor, carry: Carry | None = None) -> tuple[torch.Tensor, Carry]:
+        """One step ``(N, D + 6)`` from ``carry``: that step's outputs (``(N, 4)`` or ``(N, H, W)``; boxes via
+        ``outputs_to_boxes``) and the state to pass with the next step."""
+        outputs, carry = self.run(x_step[:, None], carry)
+        return outputs[:, 0], carry
 
     def outputs_to_boxes(self, outputs: torch.Tensor) -> torch.Tensor:
         """``(..., 4)`` ``cxcywh_norm`` boxes in 0-1 from training outputs."""
@@ -197,11 +247,11 @@ class FaithfulRolo(RoloModel):
         start = config.feature_dim + BOX_UNITS.start
         self.box_units = slice(start, start + 4)
 
-    def sequence_outputs(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, carry: Carry | None = None) -> tuple[torch.Tensor, Carry]:
         """``(N, S, 4)`` raw hidden units ``D+1 .. D+4`` per step (in (-1, 1))."""
         self._check_input(x)
-        hidden, _ = self.lstm(x)
-        return hidden[..., self.box_units]
+        hidden, state = self.lstm(x, _lstm_state(carry))
+        return hidden[..., self.box_units], _carry(state, x, self.config.feature_dim)
 
 
 class _Trunk(nn.Module):
@@ -232,13 +282,17 @@ class _Trunk(nn.Module):
                           self.config.roi_bins, self.config.roi_context)
         return pooled.reshape(n, steps, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: Carry | None = None) -> tuple[torch.Tensor, Carry]:
         detection = x[..., self.feature_dim:]
-        parts = [self.project(self.feature_dropout(self.norm(self.visual(x)))), detection]
+        if self.config.box_input == "motion":
+            read = motion_detection(detection, None if carry is None else carry["previous"])
+        else:
+            read = detection
+        parts = [self.project(self.feature_dropout(self.norm(self.visual(x)))), read]
         if self.map_size:
             parts.append(box_to_heatmap(detection[..., BOX_UNITS], self.map_size).flatten(start_dim=-2))
-        hidden, _ = self.lstm(torch.cat(parts, dim=-1))
-        return hidden
+        hidden, state = self.lstm(torch.cat(parts, dim=-1), _lstm_state(carry))
+        return hidden, _carry(state, x, self.feature_dim)
 
 
 class CompactRolo(RoloModel):
@@ -253,10 +307,13 @@ class CompactRolo(RoloModel):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def sequence_outputs(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, carry: Carry | None = None) -> tuple[torch.Tensor, Carry]:
         """``(N, S, 4)`` boxes ``cxcywh_norm`` per step."""
         self._check_input(x)
-        out = self.head(self.trunk(x))
+        hidden, carry = self.trunk(x, carry)
+        return self._boxes(self.head(hidden), x), carry
+
+    def _boxes(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.config.box_head == "absolute":
             return torch.sigmoid(out)
         detection_box = x[..., self.config.feature_dim + BOX_UNITS.start:self.config.feature_dim + BOX_UNITS.stop]
@@ -277,12 +334,13 @@ class HeatmapRolo(RoloModel):
         self.trunk = _Trunk(config, detection_map=True)
         self.head = nn.Linear(config.hidden_size, config.heatmap_size ** 2)
 
-    def sequence_outputs(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, carry: Carry | None = None) -> tuple[torch.Tensor, Carry]:
         """``(N, S, H, W)`` probabilities (0-1) that each cell lies inside the target box."""
         self._check_input(x)
         size = self.config.heatmap_size
-        logits = self.head(self.trunk(x))
-        return torch.sigmoid(logits).reshape(*logits.shape[:-1], size, size)
+        hidden, carry = self.trunk(x, carry)
+        logits = self.head(hidden)
+        return torch.sigmoid(logits).reshape(*logits.shape[:-1], size, size), carry
 
     def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, H, W)`` location maps of the last step (probabilities; rows = y, columns = x)."""
@@ -294,6 +352,21 @@ class HeatmapRolo(RoloModel):
     def step_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         target_maps = box_to_heatmap(targets, self.config.heatmap_size).to(outputs.dtype)
         return _elementwise_loss(outputs, target_maps, self.config).flatten(start_dim=2).mean(dim=-1)
+
+
+def motion_detection(detection: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, S, 6)`` detections -> the same with the box replaced by its motion since the previous step:
+    ``(class_id, dx / w', dy / h', log(w / w'), log(h / h'), confidence)`` where ``'`` is the previous step
+    (``previous`` ``(N, 6)`` before the first step; without it the first step has no motion). Nothing in it
+    says where in the frame the box is, or how large."""
+    box = detection[..., BOX_UNITS]
+    before = box[:, :1] if previous is None else previous[:, None, BOX_UNITS].to(box.dtype)
+    box_before = torch.cat([before, box[:, :-1]], dim=1)
+    size = box[..., 2:].clamp_min(1e-4)
+    previous_centre = box_before[..., :2]
+    previous_size = box_before[..., 2:].clamp_min(1e-4)
+    motion = torch.cat([(box[..., :2] - previous_centre) / previous_size, torch.log(size / previous_size)], dim=-1)
+    return torch.cat([detection[..., :1], motion, detection[..., 5:]], dim=-1)
 
 
 def roi_pool(maps: torch.Tensor, boxes_cxcywh_norm: torch.Tensor, bins: int = 4, context: float = 1.6

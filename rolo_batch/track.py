@@ -1,8 +1,9 @@
 """Batch tracking: features (+ frames) -> the tracks table, one atomic unit per video, with Ray Data.
 
-``track_videos`` is the plain function: for a group of videos it runs ROLO in lockstep (one model call per
-frame for all videos of the group: windows batched across videos for the accelerator) and then, one pass
-over each video, the baselines (YOLO only, YOLO + Kalman, OpenCV's CSRT / KCF / MIL on the frames).
+``track_rolo`` and ``track_baselines`` are the plain functions. For a group of videos ROLO runs on all of
+them at once (their detection tracks first, then the model over chunks of frames of every video: batched
+across videos and frames for the accelerator); then, one pass over each video, the baselines (YOLO only,
+YOLO + Kalman, OpenCV's CSRT / KCF / MIL on the frames).
 One-pass evaluation: every tracker gets the first frame's box and nothing else of the ground truth (except
 in the named ``oracle`` detection mode, which reproduces the paper's choice of detection by ground truth).
 
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from rolo_batch import contracts, datasets, storage, tables, trackers
+from rolo_batch import boxes, contracts, datasets, storage, tables, trackers
 from rolo_batch.console import Progress, format_table
 from rolo_batch.errors import ConfigError, InputError, RoloBatchError
 
@@ -34,6 +35,7 @@ RUN_INFO = "_run.json"
 HEATMAPS_FILE = "_heatmaps.npy"  # "_": table readers (pyarrow, Spark, DuckDB globs) skip it
 METHODS = ("rolo", "yolo", "yolo-kalman", "csrt", "kcf", "mil")
 IMAGE_METHODS = ("csrt", "kcf", "mil")
+INPUT_KEYS = ("model", "features", "rolo_mode")  # what the videos of one run must share
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class TrackConfig:
     """A tracking run. ``detection``: ``ope`` picks each frame's detection by the detection track (one-pass
     evaluation); ``oracle`` by the ground truth (the paper's code; leaks the answer, for comparison only).
     ``videos_per_batch``: videos tracked in lockstep per model call (more fills an accelerator better).
-    ``data_uri``: where the frames are (default: the sources recorded when the features were extracted)."""
+    ``data_uri``: where the frames are (default: the sources recorded when the features were extracted).
+    ``rolo_mode``: ``window`` re-reads the last ``steps`` frames every frame; ``stream`` carries the LSTM's
+    state from frame to frame (see ``trackers.RoloTracker``)."""
 
     features_uri: str
     model_uri: str
@@ -55,6 +59,7 @@ class TrackConfig:
     actors: int | None = None
     gpu: str = "auto"
     overwrite: bool = False
+    rolo_mode: str = "window"
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS + ("identity",)]
@@ -64,6 +69,8 @@ class TrackConfig:
             raise ConfigError(f"detection must be ope or oracle, got {self.detection!r}")
         if self.videos_per_batch < 1:
             raise ConfigError("videos_per_batch must be >= 1")
+        if self.rolo_mode not in ("window", "stream"):
+            raise ConfigError(f"rolo_mode must be window or stream, got {self.rolo_mode!r}")
         if self.gpu not in ("auto", "on", "off"):
             raise ConfigError(f"gpu must be auto, on or off, got {self.gpu!r}")
 
@@ -108,46 +115,84 @@ def first_box(frames: tables.FeatureFrames) -> np.ndarray:
     return frames.gt_boxes_xywh_px[0].astype(float)
 
 
-def track_rolo(model, steps: int, videos: list[tables.FeatureFrames], oracle: bool = False
-               ) -> tuple[list[tables.TrackRows], list[np.ndarray | None]]:
-    """ROLO over several videos in lockstep: one batched model call per frame index for every video still
-    running. Returns the rows per video and, for the heatmap model, its (N, 32, 32) maps per video."""
+def track_rolo(model, steps: int, videos: list[tables.FeatureFrames], oracle: bool = False, stream: bool = False,
+               chunk_values: int = 1 << 23) -> tuple[list[tables.TrackRows], list[np.ndarray | None]]:
+    """ROLO over several videos together. The detection track does not depend on the model's estimates
+    (``trackers.DetectionFeed``), so each video's inputs are built first, in one pass; then the model runs
+    over all videos at once, a chunk of frames per call (about ``chunk_values`` input values): with ``stream``
+    the LSTM carries its state through the video (one step per frame), else each frame's window of the last
+    ``steps`` frames (the first frame repeated before the start) is read anew. The first frame's box is the
+    given one. Returns the rows per video and, for the heatmap model, its (N, 32, 32) maps per video."""
+    started = time.perf_counter()
+    inputs = [trackers.feed_inputs(observations(f, None), first_box(f), oracle, f.gt_boxes_xywh_px.astype(float))
+              for f in videos]
+    run = _stream_outputs if stream else _window_outputs
+    outputs = run(model, inputs, steps, chunk_values)
+    elapsed_ms = (time.perf_counter() - started) * 1000 / max(1, sum(len(f) for f in videos))
+    heatmap_model = getattr(model, "config", None) is not None and model.config.form == "heatmap"
+    rows, heatmaps = [], []
+    for frames, output in zip(videos, outputs):
+        boxes_norm = model.outputs_to_boxes(output).float().cpu().numpy()
+        boxes_px = boxes.cxcywh_norm_to_xywh_px(boxes_norm, frames.image_wh.astype(float))
+        boxes_px[0] = first_box(frames)
+        rows.append(tables.TrackRows(video=frames.video, method="rolo", frame=frames.frame, boxes_xywh_px=boxes_px,
+                                     confidence=np.full(len(frames), np.nan),
+                                     time_ms=np.full(len(frames), elapsed_ms)))
+        heatmaps.append(output.float().cpu().numpy().astype(np.float16) if heatmap_model else None)
+    return rows, heatmaps
+
+
+def _model_input(model, array: np.ndarray):
     import torch
 
-    runners = [trackers.RoloTracker(model, steps, oracle, f.gt_boxes_xywh_px.astype(float)) for f in videos]
-    streams = [observations(f, None) for f in videos]
-    boxes = [[] for _ in videos]
-    times = [[] for _ in videos]
-    firsts = [first_box(f) for f in videos]
-    heatmap_model = getattr(model, "config", None) is not None and model.config.form == "heatmap"
-    maps = [[] for _ in videos] if heatmap_model else None
-    for t in range(max(len(f) for f in videos)):
-        active = [i for i, f in enumerate(videos) if t < len(f)]
-        current = {i: next(streams[i]) for i in active}
-        started = time.perf_counter()
-        if t == 0:
-            for i in active:
-                runners[i].init(current[i], firsts[i])
-            estimates = {i: trackers.Estimate(firsts[i].copy(), 1.0) for i in active}
-        else:
-            stepped = trackers.step_many(model, [runners[i] for i in active], [current[i] for i in active])
-            estimates = dict(zip(active, stepped))
-        elapsed_ms = (time.perf_counter() - started) * 1000 / len(active)
-        if maps is not None:
-            windows = np.stack([np.stack(runners[i].window) for i in active])
-            parameter = next(model.parameters())
-            with torch.inference_mode():
-                heat = model.heatmaps(torch.as_tensor(windows, dtype=parameter.dtype, device=parameter.device))
-            for i, h in zip(active, heat.float().cpu().numpy()):
-                maps[i].append(h)
-        for i in active:
-            boxes[i].append(estimates[i].box_xywh_px)
-            times[i].append(elapsed_ms)
-    rows = [tables.TrackRows(video=f.video, method="rolo", frame=f.frame, boxes_xywh_px=np.array(boxes[i]),
-                             confidence=np.full(len(f), np.nan), time_ms=np.array(times[i]))
-            for i, f in enumerate(videos)]
-    heatmaps = [np.stack(m).astype(np.float16) for m in maps] if maps is not None else [None] * len(videos)
-    return rows, heatmaps
+    parameter = next(model.parameters())
+    return torch.as_tensor(array, dtype=parameter.dtype, device=parameter.device)
+
+
+def _stream_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
+    """Per video, the model's outputs at every frame with the LSTM state carried from the first frame on."""
+    import torch
+
+    longest = max(len(x) for x in inputs)
+    chunk = max(1, chunk_values // (len(inputs) * inputs[0].shape[1]))
+    carry, parts = None, []
+    with torch.inference_mode():
+        for start in range(0, longest, chunk):
+            block = np.zeros((len(inputs), min(chunk, longest - start), inputs[0].shape[1]), np.float32)
+            for index, x in enumerate(inputs):  # zeros after a video's end: their outputs are never read
+                piece = x[start:start + chunk]
+                block[index, :len(piece)] = piece
+            outputs, carry = model.run(_model_input(model, block), carry)
+            parts.append(outputs)
+    outputs = torch.cat(parts, dim=1)
+    return [outputs[index, :len(x)] for index, x in enumerate(inputs)]
+
+
+def _window_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
+    """Per video, the model's last-step output of each frame's window (the first frame repeated before it);
+    windows of several videos share a call."""
+    import torch
+
+    windows = [np.lib.stride_tricks.sliding_window_view(np.concatenate([np.repeat(x[:1], steps - 1, axis=0), x]),
+                                                        steps, axis=0).transpose(0, 2, 1) for x in inputs]
+    chunk = max(1, chunk_values // windows[0][0].size)
+    parts, pending = [], []
+
+    def flush() -> None:
+        parts.append(model.sequence_outputs(_model_input(model, np.concatenate(pending)))[:, -1])
+        pending.clear()
+
+    with torch.inference_mode():
+        for view in windows:  # views: a chunk of windows is copied only when it is run
+            for start in range(0, len(view), chunk):
+                pending.append(view[start:start + chunk])
+                if sum(len(p) for p in pending) >= chunk:
+                    flush()
+        if pending:
+            flush()
+    outputs = torch.cat(parts)
+    ends = np.cumsum([len(x) for x in inputs])
+    return [outputs[end - len(x):end] for x, end in zip(inputs, ends)]
 
 
 def track_baselines(frames: tables.FeatureFrames, methods: tuple[str, ...], video: datasets.VideoSource | None
@@ -232,7 +277,8 @@ class TrackBatch:
         rolo_rows, heatmaps = ([], [])
         if loaded and "rolo" in self.config.methods:
             rolo_rows, heatmaps = track_rolo(self.model, self.info.steps, [f for _, f in loaded],
-                                             oracle=self.config.detection == "oracle")
+                                             oracle=self.config.detection == "oracle",
+                                             stream=self.config.rolo_mode == "stream")
         rolo_seconds = time.perf_counter() - started
         baselines = tuple(m for m in self.config.methods if m != "rolo")
         for index, (item, frames) in enumerate(loaded):
@@ -278,10 +324,11 @@ def _sources(config: TrackConfig, table: tables.FeaturesTable) -> dict[str, dict
 
 def _check_same_inputs(run_uri: str, run_info: dict) -> None:
     """A run that already holds finished videos continues only with the model and features they came from,
-    so that one run never mixes tracks of two models."""
+    so that one run never mixes tracks of two models (or of one model run two ways)."""
     info_uri = storage.join(run_uri, RUN_INFO)
     previous = json.loads(storage.read_text(info_uri)) if storage.is_file(info_uri) else {}
-    changed = [key for key in ("model", "features") if key in previous and previous[key] != run_info[key]]
+    previous.setdefault("rolo_mode", "window")  # runs from before streaming
+    changed = [key for key in INPUT_KEYS if key in previous and previous[key] != run_info[key]]
     if changed:
         what = "; ".join(f"{key} was {previous[key]}, now {run_info[key]}" for key in changed)
         raise ConfigError(f"tracking run {run_uri} already holds videos tracked with other inputs ({what}): "
@@ -304,7 +351,8 @@ def finished_tracking(config: TrackConfig) -> TrackSummary | None:
         return None
     info_uri = storage.join(config.run_uri, RUN_INFO)
     previous = json.loads(storage.read_text(info_uri)) if storage.is_file(info_uri) else {}
-    if previous.get("model") != config.model_uri or previous.get("features") != table.root:
+    if (previous.get("model") != config.model_uri or previous.get("features") != table.root
+            or previous.get("rolo_mode", "window") != config.rolo_mode):
         return None  # run_tracking says what differs
     rows = [{"video": v, "status": "skipped", "frames": 0, "seconds": 0.0, "error": ""} for v in sorted(table.units)]
     return TrackSummary(config.run_uri, rows, time.perf_counter() - started)
@@ -329,6 +377,7 @@ def run_tracking(config: TrackConfig, *, num_cpus_per_actor: float = 1.0) -> Tra
     run_info = {"model": config.model_uri, "features": table.root, "detector_id": table.detector_id,
                 "steps": info.steps, "split": info.split, "detection": config.detection,
                 "split_manifest": info.metadata.get("split_manifest"), "methods": list(config.methods),
+                "rolo_mode": config.rolo_mode,
                 "session": uuid.uuid4().hex}  # new whenever tracking runs: scoring knows to score again
     done = set() if config.overwrite else set(tables.done_units(config.run_uri))
     if done:

@@ -117,14 +117,29 @@ def choose_detection(detections: np.ndarray, reference_xywh_px: np.ndarray, imag
     """
     if len(detections) == 0 or not np.isfinite(reference_xywh_px).all():
         return None
-    candidates = detection_boxes_px(detections, image_wh)
-    overlap = boxes.iou_xywh(np.repeat(boxes.as_boxes(reference_xywh_px), len(candidates), axis=0), candidates)
+    return _choose(detections, detection_boxes_px(detections, image_wh), np.asarray(reference_xywh_px, float), gate)
+
+
+def _choose(detections: np.ndarray, candidates_xywh_px: np.ndarray, reference: np.ndarray, gate: float = 1.5
+            ) -> int | None:
+    """``choose_detection`` on the detections' pixel boxes (computed once by the caller). Written with few
+    numpy calls on purpose: it runs once per frame and video, and on tiny arrays numpy's call overhead is
+    the cost (the whole IoU in ``boxes.iou_xywh`` form took most of a tracking run's time)."""
+    c = candidates_xywh_px
+    x1, y1, x2, y2 = reference[0], reference[1], reference[0] + reference[2], reference[1] + reference[3]
+    iw = np.minimum(c[:, 0] + c[:, 2], x2) - np.maximum(c[:, 0], x1)
+    ih = np.minimum(c[:, 1] + c[:, 3], y2) - np.maximum(c[:, 1], y1)
+    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
+    union = c[:, 2] * c[:, 3] + reference[2] * reference[3] - inter
+    overlap = np.where((union > 0) & (c[:, 2] > 0) & (c[:, 3] > 0), inter / np.where(union > 0, union, 1.0), 0.0)
     if overlap.max() > 0:
+        if len(overlap) == 1:
+            return 0
         return int(np.lexsort((-detections[:, 5], -overlap))[0])
-    distance = np.linalg.norm(boxes.centers_xywh(candidates) - boxes.centers_xywh(reference_xywh_px), axis=1)
-    diagonal = float(np.hypot(*reference_xywh_px[2:]))
+    centres = c[:, :2] + c[:, 2:] / 2.0
+    distance = np.hypot(centres[:, 0] - (x1 + x2) / 2.0, centres[:, 1] - (y1 + y2) / 2.0)
     nearest = int(np.argmin(distance))
-    return nearest if distance[nearest] <= gate * diagonal else None
+    return nearest if distance[nearest] <= gate * float(np.hypot(reference[2], reference[3])) else None
 
 
 def choose_by_groundtruth(detections: np.ndarray, gt_xywh_px: np.ndarray, image_wh: tuple[int, int]) -> int | None:
@@ -264,6 +279,49 @@ def _int_rect(box_xywh_px: np.ndarray, image_wh: tuple[int, int]) -> tuple[int, 
 
 # --- ROLO ------------------------------------------------------------------------------------------------
 
+class DetectionFeed:
+    """What ROLO reads of each frame: the feature ++ the detection that continues the detection track (or, in
+    ``oracle`` mode, the one that best overlaps the ground truth ``groundtruth_xywh_px``). The track starts at
+    the given first box and moves with each chosen detection; a frame without one enters as the track's last
+    box with confidence 0. The LSTM's estimates never steer it, so a whole video's inputs are known before
+    the model runs (``feed_inputs``)."""
+
+    def __init__(self, first_box_xywh_px: np.ndarray, oracle: bool = False,
+                 groundtruth_xywh_px: np.ndarray | None = None) -> None:
+        if oracle and groundtruth_xywh_px is None:
+            raise ConfigError("the oracle detection mode needs the ground truth")
+        self.track_box = np.asarray(first_box_xywh_px, float).copy()
+        self.oracle = oracle
+        self.groundtruth = groundtruth_xywh_px
+
+    def step_input(self, observation: Observation) -> np.ndarray:
+        """This frame's ``feature ++ detection`` ``(D + 6,)``; moves the track on when a detection continues it."""
+        if observation.feature is None:
+            raise ConfigError("ROLO needs the features of every frame")
+        candidates = detection_boxes_px(observation.detections, observation.image_wh)
+        if self.oracle:
+            chosen = choose_by_groundtruth(observation.detections, self.groundtruth[observation.index],
+                                           observation.image_wh)
+        elif len(candidates) and np.isfinite(self.track_box).all():
+            chosen = _choose(observation.detections, candidates, self.track_box)
+        else:
+            chosen = None
+        detection = np.zeros(6, np.float32)
+        if chosen is not None:
+            detection[:] = observation.detections[chosen]
+            self.track_box = candidates[chosen]
+        else:  # a miss: where the track last was, with confidence 0
+            detection[1:5] = boxes.xywh_px_to_cxcywh_norm(self.track_box[None], observation.image_wh)[0]
+        return np.concatenate([np.asarray(observation.feature, np.float32), detection])
+
+
+def feed_inputs(observations: Iterable[Observation], first_box_xywh_px: np.ndarray, oracle: bool = False,
+                groundtruth_xywh_px: np.ndarray | None = None) -> np.ndarray:
+    """A whole video's ROLO inputs ``(frames, D + 6)`` (see ``DetectionFeed``)."""
+    feed = DetectionFeed(first_box_xywh_px, oracle, groundtruth_xywh_px)
+    return np.stack([feed.step_input(o) for o in observations])
+
+
 class RoloTracker(Tracker):
     """ROLO: each frame, the detection that continues the detection track (or, in the named ``oracle`` mode,
     the one that best overlaps the ground truth, as the paper's code did) joins the window of the last
@@ -275,47 +333,44 @@ class RoloTracker(Tracker):
     estimate cost 0.10 success AUC). A frame where no detection continues the track enters as the track's last
     box with confidence 0, as training windows enter one (never as a zero box: that made the estimate
     collapse to the corner). Until ``steps`` frames have been seen, the window is padded with the first frame.
-    ``prepare``/``accept`` split ``update`` in two so that many videos can share one model call
-    (``step_many``). ``groundtruth_xywh_px`` (N, 4) is read only in oracle mode.
+
+    ``stream=True``: instead of re-reading the window every frame, the LSTM takes one step per frame and carries
+    its state (``RoloModel.stream``; the first frame is its first step): ``steps`` times less model work, and a
+    memory that is not cut at ``steps`` frames, which the model was not trained for (see the README for how the
+    two compare). ``prepare``/``accept`` split ``update`` in two so that many videos can share one model call
+    (``step_many``). ``groundtruth_xywh_px`` (N, 4) is read only in oracle mode. ``last_output`` is the model's
+    raw output of the last frame (the heatmap model's map).
     """
 
     name = "rolo"
 
     def __init__(self, model, steps: int, oracle: bool = False,
-                 groundtruth_xywh_px: np.ndarray | None = None) -> None:
+                 groundtruth_xywh_px: np.ndarray | None = None, stream: bool = False) -> None:
         if oracle and groundtruth_xywh_px is None:
             raise ConfigError("the oracle detection mode needs the ground truth")
+        self.feed: DetectionFeed | None = None
         self.model = model
         self.steps = steps
         self.oracle = oracle
         self.groundtruth = groundtruth_xywh_px
-
-    def _step_input(self, observation: Observation) -> np.ndarray:
-        """This frame's ``feature ++ detection``; moves the detection track on when a detection continues it."""
-        if observation.feature is None:
-            raise ConfigError("ROLO needs the features of every frame")
-        if self.oracle:
-            chosen = choose_by_groundtruth(observation.detections, self.groundtruth[observation.index],
-                                           observation.image_wh)
-        else:
-            chosen = choose_detection(observation.detections, self.track_box, observation.image_wh)
-        detection = np.zeros(6, np.float32)
-        if chosen is not None:
-            detection[:] = observation.detections[chosen]
-            self.track_box = detection_boxes_px(observation.detections[chosen:chosen + 1], observation.image_wh)[0]
-        else:  # a miss: where the track last was, with confidence 0
-            detection[1:5] = boxes.xywh_px_to_cxcywh_norm(self.track_box[None], observation.image_wh)[0]
-        return np.concatenate([np.asarray(observation.feature, np.float32), detection])
+        self.stream = stream
+        self.carry = None
+        self.last_output: np.ndarray | None = None
 
     def init(self, observation: Observation, box_xywh_px: np.ndarray) -> None:
+        """Start from the given box. The first frame is also the model's first step (whose box is discarded:
+        the first frame's box is the given one)."""
         self.estimate = np.asarray(box_xywh_px, float).copy()
-        self.track_box = self.estimate.copy()
-        self.window = [self._step_input(observation)] * self.steps
+        self.feed = DetectionFeed(self.estimate, self.oracle, self.groundtruth)
+        self.carry = None
+        self.window = [self.feed.step_input(observation)] * self.steps
+        _run_model(self.model, [self])
 
     def prepare(self, observation: Observation) -> np.ndarray:
-        """The window ending at this frame, ``(steps, D + 6)``."""
-        self.window = self.window[1:] + [self._step_input(observation)]
-        return np.stack(self.window)
+        """The model's input for this frame: the window ending at it ``(steps, D + 6)``, or when streaming
+        this frame's step ``(1, D + 6)``."""
+        self.window = self.window[1:] + [self.feed.step_input(observation)]
+        return np.stack(self.window[-1:] if self.stream else self.window)
 
     def accept(self, box_cxcywh_norm: np.ndarray, observation: Observation) -> Estimate:
         """Take the model's box for this frame as the new estimate."""
@@ -326,15 +381,37 @@ class RoloTracker(Tracker):
         return step_many(self.model, [self], [observation])[0]
 
 
-def step_many(model, trackers: list[RoloTracker], observations: list[Observation]) -> list[Estimate]:
-    """Advance several ROLO trackers (one per video) by one frame with a single batched model call."""
+def _run_model(model, trackers: list[RoloTracker], inputs: np.ndarray | None = None) -> np.ndarray:
+    """One batched model call for several trackers on ``inputs`` (default: their current windows). Window
+    trackers read their whole window; streaming ones (all or none of a call) their last step from their carried
+    state, which they keep. Sets each tracker's ``last_output``; returns the boxes ``(N, 4)`` ``cxcywh_norm``."""
     import torch
 
-    windows = np.stack([t.prepare(o) for t, o in zip(trackers, observations)])
+    from rolo_batch.rolo import carry_rows, join_carries
+
+    if inputs is None:
+        inputs = np.stack([np.stack(t.window[-1:] if t.stream else t.window) for t in trackers])
     parameter = next(model.parameters())
+    x = torch.as_tensor(inputs, dtype=parameter.dtype, device=parameter.device)
     with torch.inference_mode():
-        predicted = model(torch.as_tensor(windows, dtype=parameter.dtype, device=parameter.device))
-    predicted = predicted.float().cpu().numpy()
+        if trackers[0].stream:
+            carries = [t.carry for t in trackers]
+            carry = None if carries[0] is None else join_carries(carries)
+            outputs, carry = model.stream(x[:, -1], carry)
+            for index, tracker in enumerate(trackers):
+                tracker.carry = carry_rows(carry, index)
+        else:
+            outputs = model.sequence_outputs(x)[:, -1]
+        predicted = model.outputs_to_boxes(outputs).float().cpu().numpy()
+    for tracker, output in zip(trackers, outputs.float().cpu().numpy()):
+        tracker.last_output = output
+    return predicted
+
+
+def step_many(model, trackers: list[RoloTracker], observations: list[Observation]) -> list[Estimate]:
+    """Advance several ROLO trackers (one per video) by one frame with a single batched model call."""
+    inputs = np.stack([t.prepare(o) for t, o in zip(trackers, observations)])
+    predicted = _run_model(model, trackers, inputs)
     return [t.accept(p, o) for t, p, o in zip(trackers, predicted, observations)]
 
 

@@ -18,7 +18,8 @@ def test_benchmark_runs_every_stage_and_reports_ratios(ray_local, tmp_path, caps
                      "--train-epochs", "1", "--gpu", "off"])
     assert code == 0
     printed = capsys.readouterr().out
-    ratios = ["track / bare LSTM", "train: per-worker throughput, 2 workers / 1"]
+    ratios = ["track window / bare LSTM window", "track stream / bare LSTM step", "track stream / track window",
+              "train: per-worker throughput, 2 workers / 1"]
     for name in ("yolo-tiny", "efficientnet-yolo"):  # both detectors by default
         ratios += [f"extract {name}: pipeline / bare detector", f"extract {name}: pipeline / naive loop",
                    f"memory {name}: 4x longer video / video", f"train-detector {name}: epoch / bare steps"]

@@ -57,6 +57,7 @@ def toy_windows(n: int, seed: int) -> dict[str, torch.Tensor]:
     ({"feature_dim": 512, "feature_shape": (-2, -16, 16)}, "three positive integers"),
     ({"form": "faithful", "feature_dim": 512, "feature_shape": (2, 16, 16)}, "faithful form reads a feature vector"),
     ({"roi_bins": 0}, "roi_bins"), ({"roi_context": 0.5}, "roi_context"),
+    ({"box_input": "delta"}, "box_input"), ({"form": "faithful", "box_input": "motion"}, "faithful form reads"),
 ])
 def test_config_is_validated(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -185,6 +186,52 @@ def test_the_relative_head_corrects_in_units_of_the_boxs_own_size():
     np.testing.assert_allclose(boxes[1], [0.5 + 0.05, 0.5 - 0.025, 0.1 * np.exp(0.5), 0.05], atol=1e-5)
 
 
+@pytest.mark.parametrize("form, options", [("faithful", {}), ("compact", {}), ("heatmap", {}),
+                                           ("compact", {"box_head": "relative", "box_input": "motion"}),
+                                           ("heatmap", {"box_input": "motion"})])
+def test_streaming_one_step_at_a_time_gives_the_windows_outputs(form, options):
+    """The state carried from step to step is the LSTM's whole memory: stepping through a window gives what
+    the window gives at every step, and a batch's state split into rows and joined again is the same."""
+    torch.manual_seed(0)
+    model = rolo.build_model(tiny(form, **options)).eval()
+    if form == "compact":
+        nn.init.normal_(model.head.weight, std=0.5)  # a trained head: outputs that depend on the state
+    windows = toy_windows(3, 7)["inputs"]
+    with torch.no_grad():
+        whole = model.sequence_outputs(windows)
+        carry, streamed = None, []
+        for step in range(STEPS):
+            outputs, carry = model.stream(windows[:, step], carry)
+            streamed.append(outputs)
+            carry = rolo.join_carries([rolo.carry_rows(carry, i) for i in (0, 1, 2)])
+    np.testing.assert_allclose(torch.stack(streamed, dim=1), whole, atol=1e-5)
+
+
+def test_motion_detection_is_the_shift_in_units_of_the_previous_box_and_the_log_size_change():
+    detection = torch.tensor([[[0, 0.5, 0.5, 0.2, 0.1, 0.9], [0, 0.6, 0.45, 0.4, 0.1, 0.8]]])
+    motion = rolo.motion_detection(detection)
+    np.testing.assert_allclose(motion[0, 0], [0, 0, 0, 0, 0, 0.9], atol=1e-6)
+    np.testing.assert_allclose(motion[0, 1], [0, 0.5, -0.5, np.log(2), 0, 0.8], atol=1e-6)
+
+
+@pytest.mark.parametrize("box_input, moves_with_the_window", [("motion", True), ("absolute", False)])
+def test_with_motion_input_the_correction_does_not_depend_on_where_the_target_stands(box_input,
+                                                                                      moves_with_the_window):
+    """The same window shifted across the frame: a model reading motion moves its box by the same shift, so it
+    cannot learn where the targets of its training videos stood."""
+    torch.manual_seed(1)
+    model = rolo.build_model(tiny("compact", box_head="relative", box_input=box_input))
+    nn.init.normal_(model.head.weight, std=0.5)  # a trained head: corrections that depend on the input
+    windows = toy_windows(4, 5)["inputs"]
+    windows[..., D + 1:D + 5] = torch.tensor([0.5, 0.5, 0.2, 0.1]) + 0.01 * torch.randn(4, STEPS, 4)
+    shifted = windows.clone()
+    shifted[..., D + 1:D + 3] -= 0.1
+    with torch.no_grad():
+        moved = model(windows) - model(shifted)
+    expected = torch.tensor([0.1, 0.1, 0.0, 0.0]).expand_as(moved)
+    assert torch.allclose(moved, expected, atol=1e-5) == moves_with_the_window, moved
+
+
 def noisy_track_windows(n: int, seed: int) -> dict[str, torch.Tensor]:
     """Detections jittered around a box moving at constant speed; the target is the true last box. The feature
     is one fixed vector (a target that looks the same throughout): random features per window would let the
@@ -201,15 +248,17 @@ def noisy_track_windows(n: int, seed: int) -> dict[str, torch.Tensor]:
     return {"inputs": inputs, "targets": torch.cat([true[:, -1], size[:, -1]], dim=-1)}
 
 
-def test_the_residual_model_learns_to_beat_the_detection_it_corrects():
-    """ROLO's premise: reading the window, it places the box better than the last detection alone."""
+@pytest.mark.parametrize("box_input", ["absolute", "motion"])
+def test_the_residual_model_learns_to_beat_the_detection_it_corrects(box_input):
+    """ROLO's premise: reading the window, it places the box better than the last detection alone (also when
+    it reads only how the detection moved)."""
     torch.manual_seed(0)
-    model = rolo.build_model(tiny("compact"))
+    model = rolo.build_model(tiny("compact", box_input=box_input))
     held_out = noisy_track_windows(512, 2)
     fit(model, noisy_track_windows(1024, 1), steps=300, lr=3e-3)
     with torch.no_grad():
         _, learned = rolo.objective(model.eval(), held_out)
-        _, detection_only = rolo.objective(rolo.build_model(tiny("compact")).eval(), held_out)
+        _, detection_only = rolo.objective(rolo.build_model(tiny("compact", box_input=box_input)).eval(), held_out)
     assert learned["loss"] < 0.8 * detection_only["loss"], (learned, detection_only)
 
 

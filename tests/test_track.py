@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from rolo_batch import cli, contracts, storage, tables, trackers
+from rolo_batch import boxes, cli, contracts, storage, tables, trackers
 from rolo_batch.datasets.synthetic import SynthConfig, synthesize
 from rolo_batch.detector import build_detector, save_detector
 from rolo_batch.errors import ConfigError
 from rolo_batch.extract import DetectorSpec, ExtractOptions, run_extraction
-from rolo_batch.rolo import RoloConfig, build_model, export_model
-from rolo_batch.track import METHODS, TrackConfig, load_heatmaps, run_tracking, track_rolo
+from rolo_batch.rolo import RoloConfig, build_model, export_model, heatmap_to_box
+from rolo_batch.track import METHODS, TrackConfig, load_heatmaps, observations, run_tracking, track_rolo
 from tests.helpers import synthetic_feature_frames
 
 IMAGE_WH = (320, 240)
@@ -46,6 +46,35 @@ def test_no_detection_keeps_the_last_box_with_zero_confidence():
     assert rows.confidence[2] == 0.0 and rows.confidence[1] == pytest.approx(0.9)
 
 
+def reference_choice(detections, reference, image_wh, gate=1.5):
+    """The association rule written plainly with the boxes module: best IoU, ties by confidence; else the
+    nearest centre within ``gate`` diagonals."""
+    candidates = trackers.detection_boxes_px(detections, image_wh)
+    overlap = boxes.iou_xywh(np.repeat(reference[None], len(candidates), axis=0), candidates)
+    if overlap.max() > 0:
+        best = overlap.max()
+        tied = [i for i in range(len(candidates)) if overlap[i] == best]
+        return max(tied, key=lambda i: (detections[i, 5], -i))
+    distance = np.linalg.norm(boxes.centers_xywh(candidates) - boxes.centers_xywh(reference), axis=1)
+    nearest = int(np.argmin(distance))
+    return nearest if distance[nearest] <= gate * np.hypot(*reference[2:]) else None
+
+
+def test_the_fast_association_agrees_with_the_plain_rule_on_random_frames():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        k = int(rng.integers(1, 6))
+        detections = np.zeros((k, 6), np.float32)
+        detections[:, 1:3] = rng.uniform(0, 1, (k, 2))
+        detections[:, 3:5] = rng.uniform(0, 0.3, (k, 2)) * (rng.uniform(size=(k, 1)) > 0.1)  # some empty
+        detections[:, 5] = rng.choice([0.5, 0.9], k)  # ties in confidence too
+        if k > 1 and rng.uniform() < 0.3:  # the same box twice: a tie in IoU, broken by confidence
+            detections[1, 1:5] = detections[0, 1:5]
+        reference = np.array([*rng.uniform(0, 300, 2), *rng.uniform(5, 80, 2)])
+        assert trackers.choose_detection(detections, reference, IMAGE_WH) == \
+            reference_choice(detections, reference, IMAGE_WH)
+
+
 def test_kalman_coasts_on_constant_velocity_through_missed_detections():
     frames = []
     for i in range(12):
@@ -73,24 +102,39 @@ def small_model(form: str = "compact", steps: int = 3, dim: int = 16):
     return build_model(RoloConfig(form=form, feature_dim=dim, steps=steps, hidden_size=8, projection_size=8)).eval()
 
 
-def test_lockstep_batching_gives_what_one_video_at_a_time_gives():
-    model = small_model()
+def stateful_model(form: str = "compact"):
+    """A small model whose outputs depend on its LSTM state (an untrained residual head would output each
+    frame's detection whatever its state)."""
+    torch.manual_seed(0)
+    model = build_model(RoloConfig(form=form, feature_dim=16, steps=3, hidden_size=8, projection_size=8,
+                                   box_head="absolute")).eval()
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    torch.nn.init.zeros_(model.head.bias)
+    return model
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_batching_gives_what_one_video_and_one_frame_at_a_time_give(stream):
+    model = stateful_model()
     videos = [synthetic_feature_frames(f"v{i}", n, 16, seed=i) for i, n in enumerate((9, 5, 12))]
-    together, _ = track_rolo(model, 3, videos)
-    for video, rows in zip(videos, together):
-        alone, _ = track_rolo(model, 3, [video])
+    together, _ = track_rolo(model, 3, videos, stream=stream)
+    one_frame_per_call, _ = track_rolo(model, 3, videos, stream=stream, chunk_values=1)
+    for video, rows, small in zip(videos, together, one_frame_per_call):
+        np.testing.assert_allclose(rows.boxes_xywh_px, small.boxes_xywh_px, atol=1e-5)
+        alone, _ = track_rolo(model, 3, [video], stream=stream)
         np.testing.assert_allclose(rows.boxes_xywh_px, alone[0].boxes_xywh_px, atol=1e-5)
         assert len(rows) == len(video) and rows.method == "rolo"
 
 
-def test_one_pass_tracking_reads_no_ground_truth_after_the_first_frame():
-    model = small_model()
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_pass_tracking_reads_no_ground_truth_after_the_first_frame(stream):
+    model = stateful_model()
     video = synthetic_feature_frames("v", 10, 16, seed=3)
     hidden = tables.FeatureFrames(**{**video.__dict__, "gt_boxes_xywh_px": video.gt_boxes_xywh_px.copy()})
     hidden.gt_boxes_xywh_px[1:] = np.nan
     hidden.gt_valid[1:] = False
-    (seen,), _ = track_rolo(model, 3, [video])
-    (blind,), _ = track_rolo(model, 3, [hidden])
+    (seen,), _ = track_rolo(model, 3, [video], stream=stream)
+    (blind,), _ = track_rolo(model, 3, [hidden], stream=stream)
     np.testing.assert_array_equal(seen.boxes_xywh_px, blind.boxes_xywh_px)
     (oracle,), _ = track_rolo(model, 3, [video], oracle=True)
     assert oracle.boxes_xywh_px.shape == seen.boxes_xywh_px.shape
@@ -134,11 +178,43 @@ def test_the_lstm_estimate_does_not_steer_which_detection_it_reads():
     np.testing.assert_allclose(read, [0.23, 0.24, 0.25], atol=1e-5)  # ... yet the window reads the target
 
 
-def test_the_heatmap_model_keeps_its_maps():
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_heatmap_model_keeps_its_maps(stream):
     model = small_model("heatmap")
     video = synthetic_feature_frames("v", 6, 16, seed=4)
-    (rows,), (maps,) = track_rolo(model, 3, [video])
+    (rows,), (maps,) = track_rolo(model, 3, [video], stream=stream)
     assert maps.shape == (6, 32, 32) and np.isfinite(rows.boxes_xywh_px).all()
+    read = heatmap_to_box(torch.as_tensor(maps[1:]).float()).numpy()  # each frame's box is read off its map
+    expected = boxes.cxcywh_norm_to_xywh_px(read, (int(video.image_wh[0, 0]), int(video.image_wh[0, 1])))
+    np.testing.assert_allclose(rows.boxes_xywh_px[1:], expected, atol=0.1)
+
+
+@pytest.mark.parametrize("form", ["compact", "heatmap", "faithful"])
+def test_streaming_runs_the_lstm_once_over_the_whole_video(form):
+    """Streaming carries the state from the first frame to the last: its boxes are those of one LSTM pass over
+    the video's inputs (the window form forgets all but the last 3 frames, and differs)."""
+    model = stateful_model(form) if form != "faithful" else small_model("faithful")
+    video = synthetic_feature_frames("v", 12, 16, seed=6)
+    inputs = []
+    recorder = trackers.RoloTracker(model, 1)  # its one-frame window is each frame's input
+    frames = list(observations(video, None))
+    recorder.init(frames[0], video.gt_boxes_xywh_px[0])
+    inputs.append(recorder.window[-1])
+    for frame in frames[1:]:
+        recorder.update(frame)
+        inputs.append(recorder.window[-1])
+    with torch.no_grad():
+        whole = model.sequence_outputs(torch.as_tensor(np.stack(inputs))[None])[0].numpy()
+    (streamed,), (streamed_maps,) = track_rolo(model, 3, [video], stream=True)
+    (windowed,), (windowed_maps,) = track_rolo(model, 3, [video])
+    if form == "heatmap":  # (the boxes of an untrained map model are the whole frame)
+        np.testing.assert_allclose(streamed_maps[1:], whole[1:], atol=1e-3)
+        assert not np.allclose(windowed_maps[4:], whole[4:], atol=1e-2)
+        return
+    expected = np.stack([boxes.cxcywh_norm_to_xywh_px(np.clip(b[None], 0, 1), f.image_wh)[0]
+                         for b, f in zip(whole, frames)])
+    np.testing.assert_allclose(streamed.boxes_xywh_px[1:], expected[1:], atol=1e-3)
+    assert not np.allclose(windowed.boxes_xywh_px[4:], expected[4:], atol=1e-2)
 
 
 # --- the Ray Data layer ----------------------------------------------------------------------------------
@@ -240,6 +316,8 @@ def test_a_tracking_run_continues_only_with_the_model_it_began_with(extracted, t
     other = TrackConfig(features, str(tmp_path / "other.pt"), str(tmp_path), run="r", methods=("rolo",), gpu="off")
     with pytest.raises(ConfigError, match="already holds videos tracked with other inputs.*--overwrite"):
         run_tracking(other)
+    with pytest.raises(ConfigError, match="rolo_mode was window, now stream"):
+        run_tracking(dataclasses.replace(first, rolo_mode="stream"))
     assert {r["status"] for r in run_tracking(first).rows} == {"skipped"}  # the same inputs continue
     redone = run_tracking(dataclasses.replace(other, overwrite=True))
     assert {r["status"] for r in redone.rows} == {"done"}
