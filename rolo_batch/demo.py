@@ -34,6 +34,8 @@ from rolo_batch.track import TrackConfig
 from rolo_batch.train import TrainConfig
 from rolo_batch.windows import WindowConfig
 
+ARCHIVE_FEATURE = "map16"  # what the archive case's ROLO reads of the adapted target model
+
 Log = Callable[[str], None]
 
 
@@ -111,10 +113,12 @@ class DemoConfig:
         """ROLO on the adapted target models' features of the labelled videos (exp2, as the first part)."""
         base = self.pipeline("")
         run = "demo-adaptive"
-        model = dataclasses.replace(base.train.model, box_head="relative")  # the best on the real fold A
+        # the form chosen on the real fold A (README, "Archive"): the backbone's map, corrections in box units,
+        # motion instead of position
+        model = dataclasses.replace(base.train.model, box_head="relative", box_input="motion")
         return dataclasses.replace(
-            base, detector=None, adapt=AdaptJob(self.data_uri, self.out_uri),
-            train=dataclasses.replace(base.train, run=run, model=model),
+            base, detector=None, adapt=AdaptJob(self.data_uri, self.out_uri, feature=ARCHIVE_FEATURE),
+            train=dataclasses.replace(base.train, run=run, model=model, detection_jitter=0.0, detection_drop=0.0),
             track=dataclasses.replace(base.track, run=run, methods=("rolo", "yolo", "csrt")), render=())
 
     def archive_pipeline(self, model_uri: str) -> PipelineConfig:
@@ -122,7 +126,8 @@ class DemoConfig:
         run = "demo-archive"
         names = tuple(self.archive_synth().video_name(i) for i in range(self.archive_videos))
         return PipelineConfig(data_uri=self.archive_uri, out_uri=self.out_uri, detector=None,
-                              adapt=AdaptJob(self.archive_uri, self.out_uri), model_uri=model_uri, score=False,
+                              adapt=AdaptJob(self.archive_uri, self.out_uri, feature=ARCHIVE_FEATURE),
+                              model_uri=model_uri, score=False,
                               train=TrainConfig(features_uri="", out_uri=self.out_uri, run=run),
                               track=TrackConfig(features_uri="", model_uri="", out_uri=self.out_uri, run=run,
                                                 methods=("rolo", "yolo", "csrt")),

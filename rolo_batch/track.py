@@ -126,7 +126,7 @@ def track_rolo(model, steps: int, videos: list[tables.FeatureFrames], oracle: bo
     started = time.perf_counter()
     inputs = [trackers.feed_inputs(observations(f, None), first_box(f), oracle, f.gt_boxes_xywh_px.astype(float))
               for f in videos]
-    run = _stream_outputs if stream else _window_outputs
+    run = stream_outputs if stream else window_outputs
     outputs = run(model, inputs, steps, chunk_values)
     elapsed_ms = (time.perf_counter() - started) * 1000 / max(1, sum(len(f) for f in videos))
     heatmap_model = getattr(model, "config", None) is not None and model.config.form == "heatmap"
@@ -149,8 +149,9 @@ def _model_input(model, array: np.ndarray):
     return torch.as_tensor(array, dtype=parameter.dtype, device=parameter.device)
 
 
-def _stream_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
-    """Per video, the model's outputs at every frame with the LSTM state carried from the first frame on."""
+def stream_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
+    """Per video (``inputs``: each ``(frames, D + 6)``), the model's outputs at every frame with the LSTM state
+    carried from the first frame on; about ``chunk_values`` input values per model call."""
     import torch
 
     longest = max(len(x) for x in inputs)
@@ -168,9 +169,10 @@ def _stream_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: i
     return [outputs[index, :len(x)] for index, x in enumerate(inputs)]
 
 
-def _window_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
-    """Per video, the model's last-step output of each frame's window (the first frame repeated before it);
-    windows of several videos share a call."""
+def window_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
+    """Per video (``inputs``: each ``(frames, D + 6)``), the model's last-step output of each frame's window of
+    ``steps`` frames (the first frame repeated before it); windows of several videos share a call of about
+    ``chunk_values`` input values."""
     import torch
 
     windows = [np.lib.stride_tricks.sliding_window_view(np.concatenate([np.repeat(x[:1], steps - 1, axis=0), x]),

@@ -11,6 +11,7 @@ Boxes are ``xywh_px`` (top-left x, y, width, height in pixels); detections are t
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar, Iterable
@@ -117,29 +118,40 @@ def choose_detection(detections: np.ndarray, reference_xywh_px: np.ndarray, imag
     """
     if len(detections) == 0 or not np.isfinite(reference_xywh_px).all():
         return None
-    return _choose(detections, detection_boxes_px(detections, image_wh), np.asarray(reference_xywh_px, float), gate)
+    return _choose(detections, detection_boxes_px(detections, image_wh).tolist(), reference_xywh_px, gate)
 
 
-def _choose(detections: np.ndarray, candidates_xywh_px: np.ndarray, reference: np.ndarray, gate: float = 1.5
+def _choose(detections: np.ndarray, candidates_xywh_px: list, reference: np.ndarray, gate: float = 1.5
             ) -> int | None:
-    """``choose_detection`` on the detections' pixel boxes (computed once by the caller). Written with few
-    numpy calls on purpose: it runs once per frame and video, and on tiny arrays numpy's call overhead is
-    the cost (the whole IoU in ``boxes.iou_xywh`` form took most of a tracking run's time)."""
-    c = candidates_xywh_px
-    x1, y1, x2, y2 = reference[0], reference[1], reference[0] + reference[2], reference[1] + reference[3]
-    iw = np.minimum(c[:, 0] + c[:, 2], x2) - np.maximum(c[:, 0], x1)
-    ih = np.minimum(c[:, 1] + c[:, 3], y2) - np.maximum(c[:, 1], y1)
-    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
-    union = c[:, 2] * c[:, 3] + reference[2] * reference[3] - inter
-    overlap = np.where((union > 0) & (c[:, 2] > 0) & (c[:, 3] > 0), inter / np.where(union > 0, union, 1.0), 0.0)
-    if overlap.max() > 0:
-        if len(overlap) == 1:
-            return 0
-        return int(np.lexsort((-detections[:, 5], -overlap))[0])
-    centres = c[:, :2] + c[:, 2:] / 2.0
-    distance = np.hypot(centres[:, 0] - (x1 + x2) / 2.0, centres[:, 1] - (y1 + y2) / 2.0)
-    nearest = int(np.argmin(distance))
-    return nearest if distance[nearest] <= gate * float(np.hypot(reference[2], reference[3])) else None
+    """``choose_detection`` on the detections' pixel boxes (computed once by the caller, as a list of rows).
+    Plain Python on purpose: it runs once per frame and video on a handful of boxes, where numpy's per-call
+    overhead was most of a tracking run's time."""
+    rx, ry, rw, rh = (float(v) for v in reference)
+    rx2, ry2, rcx, rcy = rx + rw, ry + rh, rx + rw / 2.0, ry + rh / 2.0
+    best, best_key, nearest, nearest_distance = None, (0.0, 0.0), None, math.inf
+    for index, ((x, y, w, h), confidence) in enumerate(zip(candidates_xywh_px, detections[:, 5].tolist())):
+        iw, ih = min(x + w, rx2) - max(x, rx), min(y + h, ry2) - max(y, ry)
+        inter = iw * ih if iw > 0 and ih > 0 else 0.0
+        union = w * h + rw * rh - inter
+        overlap = inter / union if union > 0 and w > 0 and h > 0 else 0.0
+        if overlap > 0 and (best is None or (overlap, confidence) > best_key):  # ties: the first keeps it
+            best, best_key = index, (overlap, confidence)
+        distance = math.hypot(x + w / 2.0 - rcx, y + h / 2.0 - rcy)
+        if distance < nearest_distance:
+            nearest, nearest_distance = index, distance
+    if best is not None:
+        return best
+    return nearest if nearest_distance <= gate * math.hypot(rw, rh) else None
+
+
+def _pixel_boxes(detections: np.ndarray, image_wh: tuple[int, int]) -> list[tuple[float, float, float, float]]:
+    """``detection_boxes_px`` as a list of rows, in plain Python (the same arithmetic)."""
+    width, height = float(image_wh[0]), float(image_wh[1])
+    rows = []
+    for cx, cy, w, h in detections[:, 1:5].tolist():
+        pw, ph = w * width, h * height
+        rows.append((cx * width - pw / 2.0, cy * height - ph / 2.0, pw, ph))
+    return rows
 
 
 def choose_by_groundtruth(detections: np.ndarray, gt_xywh_px: np.ndarray, image_wh: tuple[int, int]) -> int | None:
@@ -298,7 +310,7 @@ class DetectionFeed:
         """This frame's ``feature ++ detection`` ``(D + 6,)``; moves the track on when a detection continues it."""
         if observation.feature is None:
             raise ConfigError("ROLO needs the features of every frame")
-        candidates = detection_boxes_px(observation.detections, observation.image_wh)
+        candidates = _pixel_boxes(observation.detections, observation.image_wh)
         if self.oracle:
             chosen = choose_by_groundtruth(observation.detections, self.groundtruth[observation.index],
                                            observation.image_wh)
@@ -309,7 +321,7 @@ class DetectionFeed:
         detection = np.zeros(6, np.float32)
         if chosen is not None:
             detection[:] = observation.detections[chosen]
-            self.track_box = candidates[chosen]
+            self.track_box = np.array(candidates[chosen])
         else:  # a miss: where the track last was, with confidence 0
             detection[1:5] = boxes.xywh_px_to_cxcywh_norm(self.track_box[None], observation.image_wh)[0]
         return np.concatenate([np.asarray(observation.feature, np.float32), detection])

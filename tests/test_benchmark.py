@@ -19,6 +19,7 @@ def test_benchmark_runs_every_stage_and_reports_ratios(ray_local, tmp_path, caps
     assert code == 0
     printed = capsys.readouterr().out
     ratios = ["track window / bare LSTM window", "track stream / bare LSTM step", "track stream / track window",
+              "track stream / bare LSTM over whole videos",
               "train: per-worker throughput, 2 workers / 1"]
     for name in ("yolo-tiny", "efficientnet-yolo"):  # both detectors by default
         ratios += [f"extract {name}: pipeline / bare detector", f"extract {name}: pipeline / naive loop",

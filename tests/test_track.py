@@ -71,8 +71,15 @@ def test_the_fast_association_agrees_with_the_plain_rule_on_random_frames():
         if k > 1 and rng.uniform() < 0.3:  # the same box twice: a tie in IoU, broken by confidence
             detections[1, 1:5] = detections[0, 1:5]
         reference = np.array([*rng.uniform(0, 300, 2), *rng.uniform(5, 80, 2)])
-        assert trackers.choose_detection(detections, reference, IMAGE_WH) == \
-            reference_choice(detections, reference, IMAGE_WH)
+        expected = reference_choice(detections, reference, IMAGE_WH)
+        assert trackers.choose_detection(detections, reference, IMAGE_WH) == expected
+        feed = trackers.DetectionFeed(reference)  # what ROLO reads: the same detection, and the track moves
+        read = feed.step_input(observation(1, detections.tolist(), np.zeros(2, np.float32)))[2:]
+        if expected is None:
+            assert read[5] == 0.0 and np.allclose(feed.track_box, reference)
+        else:
+            np.testing.assert_array_equal(read, detections[expected])
+            np.testing.assert_allclose(feed.track_box, trackers.detection_boxes_px(detections, IMAGE_WH)[expected])
 
 
 def test_kalman_coasts_on_constant_velocity_through_missed_detections():
