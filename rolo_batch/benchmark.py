@@ -275,7 +275,7 @@ def bare_lstm_step_fps(model, steps_input, frames: int) -> float:
 def _track(config: BenchmarkConfig, report: BenchmarkReport) -> None:
     from rolo_batch.rolo import RoloConfig, build_model
     from rolo_batch.synthetic_features import synthetic_feature_frames
-    from rolo_batch.track import stream_outputs, track_rolo
+    from rolo_batch.track import VideoInputs, stream_outputs, track_rolo
 
     dim = 256
     videos = [synthetic_feature_frames(f"video-{i}", config.frames, dim, seed=i)
@@ -298,8 +298,8 @@ def _track(config: BenchmarkConfig, report: BenchmarkReport) -> None:
                               config.warmup))
     streamed = Figure(f"track: ROLO tracking, stream ({config.videos_per_batch} videos in lockstep)", "frames/s",
                       repeat(lambda: tracking(True), config.runs, config.warmup))
-    inputs = [np.random.default_rng(i).normal(size=(config.frames, dim + 6)).astype(np.float32)
-              for i in range(config.videos_per_batch)]
+    inputs = [VideoInputs(v.feature, np.random.default_rng(i).normal(size=(len(v), 6)).astype(np.float32))
+              for i, v in enumerate(videos)]
 
     def whole_pass() -> float:
         started = time.perf_counter()

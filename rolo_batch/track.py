@@ -118,13 +118,15 @@ def first_box(frames: tables.FeatureFrames) -> np.ndarray:
 def track_rolo(model, steps: int, videos: list[tables.FeatureFrames], oracle: bool = False, stream: bool = False,
                chunk_values: int = 1 << 23) -> tuple[list[tables.TrackRows], list[np.ndarray | None]]:
     """ROLO over several videos together. The detection track does not depend on the model's estimates
-    (``trackers.DetectionFeed``), so each video's inputs are built first, in one pass; then the model runs
-    over all videos at once, a chunk of frames per call (about ``chunk_values`` input values): with ``stream``
-    the LSTM carries its state through the video (one step per frame), else each frame's window of the last
-    ``steps`` frames (the first frame repeated before the start) is read anew. The first frame's box is the
-    given one. Returns the rows per video and, for the heatmap model, its (N, 32, 32) maps per video."""
+    (``trackers.DetectionFeed``), so each video's detections are chosen first, in one pass; then the model
+    runs over all videos at once, a chunk of frames per call (about ``chunk_values`` input values, so memory
+    follows the chunk, not the videos' length): with ``stream`` the LSTM carries its state through the video
+    (one step per frame), else each frame's window of the last ``steps`` frames (the first frame repeated
+    before the start) is read anew. The first frame's box is the given one. Returns the rows per video and,
+    for the heatmap model, its (N, 32, 32) maps per video."""
     started = time.perf_counter()
-    inputs = [trackers.feed_inputs(observations(f, None), first_box(f), oracle, f.gt_boxes_xywh_px.astype(float))
+    inputs = [VideoInputs(f.feature, trackers.feed_detections(observations(f, None), first_box(f), oracle,
+                                                              f.gt_boxes_xywh_px.astype(float)))
               for f in videos]
     run = stream_outputs if stream else window_outputs
     outputs = run(model, inputs, steps, chunk_values)
@@ -142,6 +144,26 @@ def track_rolo(model, steps: int, videos: list[tables.FeatureFrames], oracle: bo
     return rows, heatmaps
 
 
+@dataclass
+class VideoInputs:
+    """One video's ROLO inputs, kept apart until a chunk is built: ``feature`` (N, D) as the table holds it,
+    ``detection`` (N, 6) as ``trackers.DetectionFeed`` chose it."""
+
+    feature: np.ndarray
+    detection: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.detection)
+
+    @property
+    def width(self) -> int:
+        return self.feature.shape[1] + self.detection.shape[1]
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """``feature ++ detection`` of the frames at ``index`` (any shape), float32: ``index.shape + (D + 6,)``."""
+        return np.concatenate([self.feature[index].astype(np.float32, copy=False), self.detection[index]], axis=-1)
+
+
 def _model_input(model, array: np.ndarray):
     import torch
 
@@ -149,35 +171,33 @@ def _model_input(model, array: np.ndarray):
     return torch.as_tensor(array, dtype=parameter.dtype, device=parameter.device)
 
 
-def stream_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
-    """Per video (``inputs``: each ``(frames, D + 6)``), the model's outputs at every frame with the LSTM state
-    carried from the first frame on; about ``chunk_values`` input values per model call."""
+def stream_outputs(model, inputs: list[VideoInputs], steps: int, chunk_values: int) -> list:
+    """Per video, the model's outputs at every frame with the LSTM state carried from the first frame on;
+    about ``chunk_values`` input values per model call."""
     import torch
 
     longest = max(len(x) for x in inputs)
-    chunk = max(1, chunk_values // (len(inputs) * inputs[0].shape[1]))
+    chunk = max(1, chunk_values // (len(inputs) * inputs[0].width))
     carry, parts = None, []
     with torch.inference_mode():
         for start in range(0, longest, chunk):
-            block = np.zeros((len(inputs), min(chunk, longest - start), inputs[0].shape[1]), np.float32)
+            block = np.zeros((len(inputs), min(chunk, longest - start), inputs[0].width), np.float32)
             for index, x in enumerate(inputs):  # zeros after a video's end: their outputs are never read
-                piece = x[start:start + chunk]
-                block[index, :len(piece)] = piece
+                frames = np.arange(start, min(start + chunk, len(x)))
+                block[index, :len(frames)] = x.rows(frames)
             outputs, carry = model.run(_model_input(model, block), carry)
             parts.append(outputs)
     outputs = torch.cat(parts, dim=1)
     return [outputs[index, :len(x)] for index, x in enumerate(inputs)]
 
 
-def window_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: int) -> list:
-    """Per video (``inputs``: each ``(frames, D + 6)``), the model's last-step output of each frame's window of
-    ``steps`` frames (the first frame repeated before it); windows of several videos share a call of about
-    ``chunk_values`` input values."""
+def window_outputs(model, inputs: list[VideoInputs], steps: int, chunk_values: int) -> list:
+    """Per video, the model's last-step output of each frame's window of ``steps`` frames (the first frame
+    repeated before it); windows of several videos share a call of about ``chunk_values`` input values."""
     import torch
 
-    windows = [np.lib.stride_tricks.sliding_window_view(np.concatenate([np.repeat(x[:1], steps - 1, axis=0), x]),
-                                                        steps, axis=0).transpose(0, 2, 1) for x in inputs]
-    chunk = max(1, chunk_values // windows[0][0].size)
+    chunk = max(1, chunk_values // (steps * inputs[0].width))
+    offsets = np.arange(steps) - (steps - 1)
     parts, pending = [], []
 
     def flush() -> None:
@@ -185,9 +205,10 @@ def window_outputs(model, inputs: list[np.ndarray], steps: int, chunk_values: in
         pending.clear()
 
     with torch.inference_mode():
-        for view in windows:  # views: a chunk of windows is copied only when it is run
-            for start in range(0, len(view), chunk):
-                pending.append(view[start:start + chunk])
+        for x in inputs:
+            for start in range(0, len(x), chunk):
+                frames = np.arange(start, min(start + chunk, len(x)))
+                pending.append(x.rows(np.maximum(frames[:, None] + offsets[None], 0)))  # (frames, steps, D + 6)
                 if sum(len(p) for p in pending) >= chunk:
                     flush()
         if pending:

@@ -295,8 +295,8 @@ class DetectionFeed:
     """What ROLO reads of each frame: the feature ++ the detection that continues the detection track (or, in
     ``oracle`` mode, the one that best overlaps the ground truth ``groundtruth_xywh_px``). The track starts at
     the given first box and moves with each chosen detection; a frame without one enters as the track's last
-    box with confidence 0. The LSTM's estimates never steer it, so a whole video's inputs are known before
-    the model runs (``feed_inputs``)."""
+    box with confidence 0. The LSTM's estimates never steer it, so a whole video's detections are known
+    before the model runs (``feed_detections``)."""
 
     def __init__(self, first_box_xywh_px: np.ndarray, oracle: bool = False,
                  groundtruth_xywh_px: np.ndarray | None = None) -> None:
@@ -310,6 +310,10 @@ class DetectionFeed:
         """This frame's ``feature ++ detection`` ``(D + 6,)``; moves the track on when a detection continues it."""
         if observation.feature is None:
             raise ConfigError("ROLO needs the features of every frame")
+        return np.concatenate([np.asarray(observation.feature, np.float32), self.detection(observation)])
+
+    def detection(self, observation: Observation) -> np.ndarray:
+        """This frame's detection ``(6,)`` as ROLO reads it; moves the track on when a detection continues it."""
         candidates = _pixel_boxes(observation.detections, observation.image_wh)
         if self.oracle:
             chosen = choose_by_groundtruth(observation.detections, self.groundtruth[observation.index],
@@ -324,14 +328,14 @@ class DetectionFeed:
             self.track_box = np.array(candidates[chosen])
         else:  # a miss: where the track last was, with confidence 0
             detection[1:5] = boxes.xywh_px_to_cxcywh_norm(self.track_box[None], observation.image_wh)[0]
-        return np.concatenate([np.asarray(observation.feature, np.float32), detection])
+        return detection
 
 
-def feed_inputs(observations: Iterable[Observation], first_box_xywh_px: np.ndarray, oracle: bool = False,
-                groundtruth_xywh_px: np.ndarray | None = None) -> np.ndarray:
-    """A whole video's ROLO inputs ``(frames, D + 6)`` (see ``DetectionFeed``)."""
+def feed_detections(observations: Iterable[Observation], first_box_xywh_px: np.ndarray, oracle: bool = False,
+                    groundtruth_xywh_px: np.ndarray | None = None) -> np.ndarray:
+    """A whole video's detections ``(frames, 6)`` as ROLO reads them (see ``DetectionFeed``)."""
     feed = DetectionFeed(first_box_xywh_px, oracle, groundtruth_xywh_px)
-    return np.stack([feed.step_input(o) for o in observations])
+    return np.stack([feed.detection(o) for o in observations])
 
 
 class RoloTracker(Tracker):
