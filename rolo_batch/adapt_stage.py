@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -264,13 +265,17 @@ class AdaptBatch:
     """Ray Data UDF holding the backbone: adapts and tracks each batch of videos, writing their units."""
 
     def __init__(self, job: AdaptJob, table_root: str, detector_id: str) -> None:
+        import ray
         import torch
 
         from rolo_batch.runtime import torch_device_for_actor
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.job, self.table_root, self.detector_id = job, table_root, detector_id
-        self.model = AdaptiveModel(job.config, weights=job.weights, device=torch_device_for_actor())
+        device = torch_device_for_actor()
+        self.model = AdaptiveModel(job.config, weights=job.weights, device=device)
+        self.worker = json.dumps({"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": device,
+                                  "pid": os.getpid()})
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         refs = [VideoRef(**json.loads(str(text))) for text in batch["ref"]]
@@ -280,7 +285,7 @@ class AdaptBatch:
         rows = [results.get(r.name) or VideoResult(r.name, "skipped") for r in refs]
         return {"video": np.array([r.video for r in rows]), "status": np.array([r.status for r in rows]),
                 "frames": np.array([r.frames for r in rows]), "seconds": np.array([r.seconds for r in rows]),
-                "error": np.array([r.error or "" for r in rows])}
+                "error": np.array([r.error or "" for r in rows]), "worker": np.array([self.worker] * len(rows))}
 
 
 def finished_adaptation(job: AdaptJob) -> ExtractSummary | None:
@@ -328,8 +333,10 @@ def run_adaptation(job: AdaptJob, *, num_cpus_per_actor: float = 1.0) -> Extract
     progress = Progress("adapt", len(todo), unit="videos", interval_s=5.0)
     for row in outcome.iter_rows():
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        results.append(VideoResult(row["video"], row["status"], row["frames"], row["seconds"], row["error"] or None))
+        results.append(VideoResult(row["video"], row["status"], row["frames"], row["seconds"], row["error"] or None,
+                                   worker=json.loads(row["worker"])))
         progress.update(1, extra=f"{sum(r.status == 'failed' for r in results)} failed")
     progress.close()
     results.sort(key=lambda r: r.video)
-    return ExtractSummary(root, detector_id, results, time.perf_counter() - started, [])
+    workers = list({r.worker["pid"]: r.worker for r in results if r.worker}.values())
+    return ExtractSummary(root, detector_id, results, time.perf_counter() - started, workers)

@@ -228,3 +228,21 @@ def test_track_archive_tracks_videos_with_only_a_first_box_and_writes_overlays(a
         assert storage.is_file(f"{out}/overlays/archive/{video}.webm")
     assert cli.main(["track-archive", str(archive / "clips"), out, str(archive / "model.pt"), "--gpu", "off"]) == 0
     assert "already adapted" in capsys.readouterr().out  # a re-run redoes nothing
+
+
+def test_adaptation_actors_hold_one_gpu_each_and_every_video_is_done_once(archive):
+    """With GPUs in the cluster (2 logical ones here) the pool has one actor per GPU, each holding one of its
+    own (Ray Data may hand both videos to the actor that is ready first); torch stays on the CPU because the
+    GPUs are only logical."""
+    from rolo_batch.adapt_stage import AdaptJob, run_adaptation
+    from rolo_batch.runtime import plan_video_pool
+
+    plan = plan_video_pool("auto", videos=2, videos_per_batch=1, actors=None, cpus_per_actor=1)
+    assert (plan.use_gpu, plan.actors) == (True, 2)
+    summary = run_adaptation(AdaptJob(str(archive / "clips"), str(archive / "pinned"), videos_per_batch=1,
+                                      gpu="auto"))
+    assert sorted((r.video, r.status) for r in summary.results) == [("synth-000", "done"), ("synth-001", "done")]
+    gpu_ids = [tuple(w["gpu_ids"]) for w in summary.workers]
+    assert gpu_ids and all(len(g) == 1 for g in gpu_ids) and len(set(gpu_ids)) == len(gpu_ids)
+    assert {w["device"] for w in summary.workers} == {"cpu"}
+    assert all(r.worker["gpu_ids"] for r in summary.results)
