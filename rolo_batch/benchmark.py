@@ -275,7 +275,7 @@ def bare_lstm_step_fps(model, steps_input, frames: int) -> float:
 def _track(config: BenchmarkConfig, report: BenchmarkReport) -> None:
     from rolo_batch.rolo import RoloConfig, build_model
     from rolo_batch.synthetic_features import synthetic_feature_frames
-    from rolo_batch.track import VideoInputs, stream_outputs, track_rolo
+    from rolo_batch.track import CHUNK_VALUES, VideoInputs, stream_outputs, track_rolo
 
     dim = 256
     videos = [synthetic_feature_frames(f"video-{i}", config.frames, dim, seed=i)
@@ -303,7 +303,7 @@ def _track(config: BenchmarkConfig, report: BenchmarkReport) -> None:
 
     def whole_pass() -> float:
         started = time.perf_counter()
-        stream_outputs(model, inputs, config.steps, 1 << 23)
+        stream_outputs(model, inputs, config.steps, CHUNK_VALUES)
         return sum(len(x) for x in inputs) / (time.perf_counter() - started)
 
     bare_pass = Figure(f"track: bare LSTM over whole videos, state carried ({config.videos_per_batch} videos)",

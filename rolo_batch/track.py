@@ -36,6 +36,7 @@ HEATMAPS_FILE = "_heatmaps.npy"  # "_": table readers (pyarrow, Spark, DuckDB gl
 METHODS = ("rolo", "yolo", "yolo-kalman", "csrt", "kcf", "mil")
 IMAGE_METHODS = ("csrt", "kcf", "mil")
 INPUT_KEYS = ("model", "features", "rolo_mode")  # what the videos of one run must share
+CHUNK_VALUES = 1 << 23  # input values per model call in batch tracking (32 MiB in float32)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def first_box(frames: tables.FeatureFrames) -> np.ndarray:
 
 
 def track_rolo(model, steps: int, videos: list[tables.FeatureFrames], oracle: bool = False, stream: bool = False,
-               chunk_values: int = 1 << 23) -> tuple[list[tables.TrackRows], list[np.ndarray | None]]:
+               chunk_values: int = CHUNK_VALUES) -> tuple[list[tables.TrackRows], list[np.ndarray | None]]:
     """ROLO over several videos together. The detection track does not depend on the model's estimates
     (``trackers.DetectionFeed``), so each video's detections are chosen first, in one pass; then the model
     runs over all videos at once, a chunk of frames per call (about ``chunk_values`` input values, so memory
@@ -345,13 +346,22 @@ def _sources(config: TrackConfig, table: tables.FeaturesTable) -> dict[str, dict
     return {name: found.get(name) for name in table.units}
 
 
+def _recorded_inputs(run_uri: str) -> dict:
+    """The ``INPUT_KEYS`` a run's record holds (none for a new run; ``rolo_mode`` window for runs recorded
+    before streaming)."""
+    info_uri = storage.join(run_uri, RUN_INFO)
+    if not storage.is_file(info_uri):
+        return {}
+    previous = json.loads(storage.read_text(info_uri))
+    previous.setdefault("rolo_mode", "window")
+    return {key: previous[key] for key in INPUT_KEYS if key in previous}
+
+
 def _check_same_inputs(run_uri: str, run_info: dict) -> None:
     """A run that already holds finished videos continues only with the model and features they came from,
     so that one run never mixes tracks of two models (or of one model run two ways)."""
-    info_uri = storage.join(run_uri, RUN_INFO)
-    previous = json.loads(storage.read_text(info_uri)) if storage.is_file(info_uri) else {}
-    previous.setdefault("rolo_mode", "window")  # runs from before streaming
-    changed = [key for key in INPUT_KEYS if key in previous and previous[key] != run_info[key]]
+    previous = _recorded_inputs(run_uri)
+    changed = [key for key in previous if previous[key] != run_info[key]]
     if changed:
         what = "; ".join(f"{key} was {previous[key]}, now {run_info[key]}" for key in changed)
         raise ConfigError(f"tracking run {run_uri} already holds videos tracked with other inputs ({what}): "
@@ -364,7 +374,7 @@ def _feature_kind(shape: tuple[int, ...] | None) -> str:
 
 def finished_tracking(config: TrackConfig) -> TrackSummary | None:
     """The summary of a run with nothing left to do, found without Ray: every video of the features table is
-    already tracked in this run, with this model and these features; else None."""
+    already tracked in this run, with this model, these features and this rolo_mode; else None."""
     started = time.perf_counter()
     if config.overwrite:
         return None
@@ -372,10 +382,8 @@ def finished_tracking(config: TrackConfig) -> TrackSummary | None:
     done = tables.done_units(config.run_uri)
     if any(name not in done for name in table.units):
         return None
-    info_uri = storage.join(config.run_uri, RUN_INFO)
-    previous = json.loads(storage.read_text(info_uri)) if storage.is_file(info_uri) else {}
-    if (previous.get("model") != config.model_uri or previous.get("features") != table.root
-            or previous.get("rolo_mode", "window") != config.rolo_mode):
+    if _recorded_inputs(config.run_uri) != {"model": config.model_uri, "features": table.root,
+                                            "rolo_mode": config.rolo_mode}:
         return None  # run_tracking says what differs
     rows = [{"video": v, "status": "skipped", "frames": 0, "seconds": 0.0, "error": ""} for v in sorted(table.units)]
     return TrackSummary(config.run_uri, rows, time.perf_counter() - started)

@@ -118,7 +118,7 @@ def choose_detection(detections: np.ndarray, reference_xywh_px: np.ndarray, imag
     """
     if len(detections) == 0 or not np.isfinite(reference_xywh_px).all():
         return None
-    return _choose(detections, detection_boxes_px(detections, image_wh).tolist(), reference_xywh_px, gate)
+    return _choose(detections, _pixel_boxes(detections, image_wh), reference_xywh_px, gate)
 
 
 def _choose(detections: np.ndarray, candidates_xywh_px: list, reference: np.ndarray, gate: float = 1.5
@@ -349,19 +349,17 @@ class RoloTracker(Tracker):
     estimate cost 0.10 success AUC). A frame where no detection continues the track enters as the track's last
     box with confidence 0, as training windows enter one (never as a zero box: that made the estimate
     collapse to the corner). Until ``steps`` frames have been seen, the window is padded with the first frame.
+    ``prepare``/``accept`` split ``update`` in two so that many videos can share one model call
+    (``step_many``). ``groundtruth_xywh_px`` (N, 4) is read only in oracle mode.
 
-    ``stream=True``: instead of re-reading the window every frame, the LSTM takes one step per frame and carries
-    its state (``RoloModel.stream``; the first frame is its first step): ``steps`` times less model work, and a
-    memory that is not cut at ``steps`` frames, which the model was not trained for (see the README for how the
-    two compare). ``prepare``/``accept`` split ``update`` in two so that many videos can share one model call
-    (``step_many``). ``groundtruth_xywh_px`` (N, 4) is read only in oracle mode. ``last_output`` is the model's
-    raw output of the last frame (the heatmap model's map).
+    This is the frame-by-frame form of the tracker contract; batch tracking (``track.track_rolo``) chooses a
+    whole video's detections with the same ``DetectionFeed`` and runs the model over chunks of frames.
     """
 
     name = "rolo"
 
     def __init__(self, model, steps: int, oracle: bool = False,
-                 groundtruth_xywh_px: np.ndarray | None = None, stream: bool = False) -> None:
+                 groundtruth_xywh_px: np.ndarray | None = None) -> None:
         if oracle and groundtruth_xywh_px is None:
             raise ConfigError("the oracle detection mode needs the ground truth")
         self.feed: DetectionFeed | None = None
@@ -369,24 +367,16 @@ class RoloTracker(Tracker):
         self.steps = steps
         self.oracle = oracle
         self.groundtruth = groundtruth_xywh_px
-        self.stream = stream
-        self.carry = None
-        self.last_output: np.ndarray | None = None
 
     def init(self, observation: Observation, box_xywh_px: np.ndarray) -> None:
-        """Start from the given box. The first frame is also the model's first step (whose box is discarded:
-        the first frame's box is the given one)."""
         self.estimate = np.asarray(box_xywh_px, float).copy()
         self.feed = DetectionFeed(self.estimate, self.oracle, self.groundtruth)
-        self.carry = None
         self.window = [self.feed.step_input(observation)] * self.steps
-        _run_model(self.model, [self])
 
     def prepare(self, observation: Observation) -> np.ndarray:
-        """The model's input for this frame: the window ending at it ``(steps, D + 6)``, or when streaming
-        this frame's step ``(1, D + 6)``."""
+        """The window ending at this frame, ``(steps, D + 6)``."""
         self.window = self.window[1:] + [self.feed.step_input(observation)]
-        return np.stack(self.window[-1:] if self.stream else self.window)
+        return np.stack(self.window)
 
     def accept(self, box_cxcywh_norm: np.ndarray, observation: Observation) -> Estimate:
         """Take the model's box for this frame as the new estimate."""
@@ -397,37 +387,15 @@ class RoloTracker(Tracker):
         return step_many(self.model, [self], [observation])[0]
 
 
-def _run_model(model, trackers: list[RoloTracker], inputs: np.ndarray | None = None) -> np.ndarray:
-    """One batched model call for several trackers on ``inputs`` (default: their current windows). Window
-    trackers read their whole window; streaming ones (all or none of a call) their last step from their carried
-    state, which they keep. Sets each tracker's ``last_output``; returns the boxes ``(N, 4)`` ``cxcywh_norm``."""
-    import torch
-
-    from rolo_batch.rolo import carry_rows, join_carries
-
-    if inputs is None:
-        inputs = np.stack([np.stack(t.window[-1:] if t.stream else t.window) for t in trackers])
-    parameter = next(model.parameters())
-    x = torch.as_tensor(inputs, dtype=parameter.dtype, device=parameter.device)
-    with torch.inference_mode():
-        if trackers[0].stream:
-            carries = [t.carry for t in trackers]
-            carry = None if carries[0] is None else join_carries(carries)
-            outputs, carry = model.stream(x[:, -1], carry)
-            for index, tracker in enumerate(trackers):
-                tracker.carry = carry_rows(carry, index)
-        else:
-            outputs = model.sequence_outputs(x)[:, -1]
-        predicted = model.outputs_to_boxes(outputs).float().cpu().numpy()
-    for tracker, output in zip(trackers, outputs.float().cpu().numpy()):
-        tracker.last_output = output
-    return predicted
-
-
 def step_many(model, trackers: list[RoloTracker], observations: list[Observation]) -> list[Estimate]:
     """Advance several ROLO trackers (one per video) by one frame with a single batched model call."""
-    inputs = np.stack([t.prepare(o) for t, o in zip(trackers, observations)])
-    predicted = _run_model(model, trackers, inputs)
+    import torch
+
+    windows = np.stack([t.prepare(o) for t, o in zip(trackers, observations)])
+    parameter = next(model.parameters())
+    with torch.inference_mode():
+        predicted = model(torch.as_tensor(windows, dtype=parameter.dtype, device=parameter.device))
+    predicted = predicted.float().cpu().numpy()
     return [t.accept(p, o) for t, p, o in zip(trackers, predicted, observations)]
 
 

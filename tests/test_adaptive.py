@@ -52,6 +52,18 @@ def track(model: AdaptiveModel, images: list[np.ndarray], first_box: np.ndarray)
     return np.array(found), kept
 
 
+HIDDEN = range(10, 14)  # the frames where moving_target's target is hidden
+FRAMES_HIDDEN = [i - 1 for i in HIDDEN]  # their places in what track() keeps (kept[i - 1] is frame i)
+
+
+def track_hidden(backbone, config: AdaptConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A target hidden in ``HIDDEN`` tracked from its first box: the truth, the boxes found, and per frame
+    after the first the response peak's confidence and the number of updates so far."""
+    images, truth = moving_target(occluded=HIDDEN)
+    found, kept = track(AdaptiveModel(config, backbone), images, truth[0])
+    return truth, found, np.array([c for c, _ in kept]), np.array([u for _, u in kept])
+
+
 def test_the_adapted_model_follows_a_moving_target_from_its_first_box_alone(backbone):
     images, truth = moving_target()
     found, _ = track(AdaptiveModel(SMALL, backbone), images, truth[0])
@@ -64,31 +76,21 @@ def test_the_adapted_model_follows_a_moving_target_from_its_first_box_alone(back
 def test_a_hidden_target_holds_its_box_teaches_nothing_and_is_found_again(backbone):
     """Without the hold, the filter walked to where the target stood in the first frame (the background
     there matches the first frame's margin) and stayed there."""
-    hidden = range(10, 14)
-    images, truth = moving_target(occluded=hidden)
     config = AdaptConfig(input_size=128, augment=2, lost=0.3)
-    found, kept = track(AdaptiveModel(config, backbone), images, truth[0])
-    confidence = np.array([c for c, _ in kept])
-    updates = np.array([u for _, u in kept])
-    frames_hidden = [i - 1 for i in hidden]  # kept[i - 1] is frame i
-    assert confidence[frames_hidden].max() < config.lost < config.guard < confidence[:8].min()
-    assert updates[frames_hidden[-1]] == updates[frames_hidden[0] - 1]  # nothing learned from the background
+    truth, found, confidence, updates = track_hidden(backbone, config)
+    assert confidence[FRAMES_HIDDEN].max() < config.lost < config.guard < confidence[:8].min()
+    assert updates[FRAMES_HIDDEN[-1]] == updates[FRAMES_HIDDEN[0] - 1]  # nothing learned from the background
     assert updates[8] == 9  # ...but from every visible frame before
-    np.testing.assert_array_equal(found[list(hidden)], np.repeat(found[hidden[0] - 1:hidden[0]], 4, axis=0))
+    np.testing.assert_array_equal(found[list(HIDDEN)], np.repeat(found[HIDDEN[0] - 1:HIDDEN[0]], 4, axis=0))
     assert boxes.iou_xywh(truth[-10:], found[-10:]).mean() > 0.6
 
 
 def test_the_guard_learns_nothing_from_a_frame_below_it(backbone):
     """With the hold off, hidden frames are still tracked, but their peak is below the guard: no update."""
-    hidden = range(10, 14)
-    images, truth = moving_target(occluded=hidden)
     config = AdaptConfig(input_size=128, augment=2, lost=0.0)
-    _, kept = track(AdaptiveModel(config, backbone), images, truth[0])
-    confidence = np.array([c for c, _ in kept])
-    updates = np.array([u for _, u in kept])
-    frames_hidden = [i - 1 for i in hidden]
-    assert confidence[frames_hidden].max() < config.guard
-    assert updates[frames_hidden[-1]] == updates[frames_hidden[0] - 1] == 9
+    _, _, confidence, updates = track_hidden(backbone, config)
+    assert confidence[FRAMES_HIDDEN].max() < config.guard
+    assert updates[FRAMES_HIDDEN[-1]] == updates[FRAMES_HIDDEN[0] - 1] == 9
 
 
 def test_without_updates_the_first_frames_model_is_all_there_is(backbone):
